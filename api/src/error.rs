@@ -1,0 +1,94 @@
+//! Every error the API answers with, mapped to HTTP in one place.
+//!
+//! The body is always `{"error": {"code", "message", "field"?}}`. Store
+//! failures are logged here and answered without internals: an unreachable
+//! store is a 503 (try again), anything else a 500.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use queue_core::task::{TaskStatus, ValidationError};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON at all.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// A field is missing, of the wrong type or out of range.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// A path parameter that cannot be an id.
+    #[error("{field} is not a valid id")]
+    BadId { field: &'static str },
+    #[error("{what} not found")]
+    NotFound { what: &'static str },
+    #[error("task is {status}; only scheduled or queued tasks can be cancelled")]
+    NotCancellable { status: TaskStatus },
+    #[error("request body is larger than the limit")]
+    TooLarge,
+    #[error("expected a request with `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    #[error(transparent)]
+    Core(#[from] queue_core::Error),
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+            _ => ApiError::MalformedJson(rejection.body_text()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field) = match &self {
+            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json", None),
+            ApiError::Invalid(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                Some(e.field.clone()),
+            ),
+            ApiError::BadId { field } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_id",
+                Some((*field).to_owned()),
+            ),
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable", None),
+            ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                None,
+            ),
+            ApiError::Core(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "store unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
+            }
+            ApiError::Core(e) => {
+                tracing::error!(error = %e, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
+            }
+        };
+        let message = match &self {
+            ApiError::Invalid(e) => e.message.clone(),
+            ApiError::Core(e) if e.is_unavailable() => {
+                "a store is unavailable; nothing was accepted, try again".to_owned()
+            }
+            ApiError::Core(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        };
+        let mut error = json!({ "code": code, "message": message });
+        if let Some(field) = field {
+            error["field"] = json!(field);
+        }
+        (status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;

@@ -1,0 +1,39 @@
+//! Extractors of our own, so a bad request gets our error shape rather than
+//! axum's plain-text rejection.
+
+use axum::extract::FromRequestParts;
+use axum::extract::{FromRequest, Request};
+use axum::http::request::Parts;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// A JSON body, parsed to a value; `queue_core::task` checks its fields.
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+        Ok(JsonBody(value))
+    }
+}
+
+/// The `{id}` path parameter as a UUID: 400 if it cannot be one.
+pub struct IdPath(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(raw) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|_| ApiError::BadId { field: "id" })?;
+        Uuid::parse_str(&raw)
+            .map(IdPath)
+            .map_err(|_| ApiError::BadId { field: "id" })
+    }
+}

@@ -1,0 +1,35 @@
+//! inferq's HTTP API: submit tasks and batches, read and cancel them.
+//!
+//! # Layout
+//!
+//! - [`routes`]: one module per resource (`tasks`, `batches`, `health`).
+//! - [`error`]: `ApiError`, the one mapping of failures to HTTP.
+//! - [`extract`]: our JSON body and id extractors (our error shape on bad
+//!   input).
+//!
+//! [`app`] builds the router for `main` and for the tests alike.
+
+pub mod error;
+pub mod extract;
+pub mod routes;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use queue_core::Service;
+
+/// Shared by every handler.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub service: Service,
+}
+
+/// The whole API. `max_body_bytes` caps every request body.
+pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .merge(routes::tasks::router())
+        .merge(routes::batches::router())
+        .merge(routes::health::router())
+        .fallback(|| async { error::ApiError::NotFound { what: "route" } })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}

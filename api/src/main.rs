@@ -1,0 +1,61 @@
+//! `inferq-api`: parse config, connect, migrate, serve until a stop signal.
+//! `inferq-api migrate` only applies migrations (compose's one-shot step).
+
+use anyhow::Context as _;
+use backon::Retryable as _;
+use clap::{Parser, Subcommand};
+use inferq_api::{AppState, app};
+use queue_core::Service;
+use queue_core::config::{ApiConfig, StoreConfig};
+use queue_core::queue::Queue;
+use queue_core::retry::io_backoff;
+use queue_core::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(name = "inferq-api", version, about = "inferq HTTP API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    store: StoreConfig,
+    #[command(flatten)]
+    api: ApiConfig,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    queue_core::telemetry::init();
+
+    let store = (|| Store::connect(&cli.store))
+        .retry(io_backoff())
+        .notify(|e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "postgres not reachable yet"))
+        .await
+        .context("connecting to PostgreSQL")?;
+    store.migrate().await.context("applying migrations")?;
+    if matches!(cli.command, Some(Command::Migrate)) {
+        tracing::info!("migrations applied");
+        return Ok(());
+    }
+    let queue = Queue::connect(&cli.store).context("configuring Redis")?;
+    let state = AppState {
+        service: Service::new(store, queue),
+    };
+
+    let listener = tokio::net::TcpListener::bind(&cli.api.bind)
+        .await
+        .with_context(|| format!("binding {}", cli.api.bind))?;
+    tracing::info!(addr = %listener.local_addr()?, "inferq-api listening");
+    axum::serve(listener, app(state, cli.api.max_body_bytes))
+        .with_graceful_shutdown(queue_core::shutdown::signal())
+        .await?;
+    Ok(())
+}

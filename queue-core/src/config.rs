@@ -1,0 +1,141 @@
+//! Settings, read once at start from flags or the environment.
+//!
+//! Every flag has an environment variable of the same meaning; the README's
+//! table lists them. Binaries parse these with clap and hand the typed
+//! structs down; nothing else reads the environment.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::retry::RetryPolicy;
+
+/// Where the two stores are, shared by every binary.
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// PostgreSQL, the source of truth.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/inferq"
+    )]
+    pub database_url: String,
+
+    /// PostgreSQL connections per process.
+    #[arg(long, env = "INFERQ_DB_POOL", default_value_t = 16)]
+    pub db_pool: u32,
+
+    /// Redis, the dispatch index.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Redis connections per process.
+    #[arg(long, env = "INFERQ_REDIS_POOL", default_value_t = 16)]
+    pub redis_pool: usize,
+
+    /// Prefix of every Redis key, so several deployments (or tests) can
+    /// share one Redis.
+    #[arg(long, env = "INFERQ_KEY_PREFIX", default_value = "inferq")]
+    pub key_prefix: String,
+
+    /// Create the database named in DATABASE_URL if it does not exist.
+    /// Convenient on a development machine; off it is an error.
+    #[arg(long, env = "INFERQ_CREATE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_database: bool,
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Args)]
+pub struct ApiConfig {
+    /// Address the API listens on.
+    #[arg(long, env = "INFERQ_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: String,
+
+    /// Largest request body accepted, in bytes. The default fits a
+    /// 100,000-task batch of prompts of a few hundred bytes each.
+    #[arg(long, env = "INFERQ_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// The worker pool.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    /// Tasks run at once by this process.
+    #[arg(long, env = "INFERQ_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+
+    /// Queues (model names) to serve, comma-separated; empty serves every
+    /// queue that has ever received a task.
+    #[arg(long, env = "INFERQ_QUEUES", value_delimiter = ',', default_value = "")]
+    pub queues: Vec<String>,
+
+    /// Most task ids taken from Redis (and claimed in one UPDATE) at once.
+    #[arg(long, env = "INFERQ_CLAIM_BATCH", default_value_t = 64)]
+    pub claim_batch: usize,
+
+    /// Sleep when every queue was empty, in milliseconds.
+    #[arg(long, env = "INFERQ_POLL_MS", default_value_t = 20)]
+    pub poll_ms: u64,
+
+    /// How long a claimed task is held without a heartbeat, in seconds.
+    #[arg(long, env = "INFERQ_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
+
+    /// On SIGTERM, how long in-flight tasks may run before they are handed
+    /// back to the queue (without charging an attempt), in seconds.
+    #[arg(long, env = "INFERQ_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Delay after the first failed attempt, in milliseconds.
+    #[arg(long, env = "INFERQ_RETRY_INITIAL_MS", default_value_t = 1000)]
+    pub retry_initial_ms: u64,
+
+    /// Growth of the delay per further failed attempt.
+    #[arg(long, env = "INFERQ_RETRY_MULTIPLIER", default_value_t = 2.0)]
+    pub retry_multiplier: f64,
+
+    /// Ceiling of the delay, in milliseconds.
+    #[arg(long, env = "INFERQ_RETRY_MAX_MS", default_value_t = 300_000)]
+    pub retry_max_ms: u64,
+
+    /// Fraction of the delay that is randomised (0 to 1).
+    #[arg(long, env = "INFERQ_RETRY_JITTER", default_value_t = 0.2)]
+    pub retry_jitter: f64,
+}
+
+impl WorkerConfig {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial: Duration::from_millis(self.retry_initial_ms),
+            multiplier: self.retry_multiplier,
+            max: Duration::from_millis(self.retry_max_ms),
+            jitter: self.retry_jitter,
+        }
+    }
+
+    /// The queues named in config, without empty entries.
+    pub fn queue_list(&self) -> Vec<String> {
+        self.queues
+            .iter()
+            .map(|q| q.trim().to_owned())
+            .filter(|q| !q.is_empty())
+            .collect()
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 32,
+            queues: Vec::new(),
+            claim_batch: 64,
+            poll_ms: 20,
+            lease_secs: 30,
+            shutdown_grace_secs: 30,
+            retry_initial_ms: 1000,
+            retry_multiplier: 2.0,
+            retry_max_ms: 300_000,
+            retry_jitter: 0.2,
+        }
+    }
+}

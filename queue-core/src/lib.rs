@@ -1,0 +1,32 @@
+//! inferq's core: the domain and the two stores, shared by the API, the
+//! worker and the tests. No HTTP server lives here.
+//!
+//! # Layout
+//!
+//! - [`task`]: `Task` statuses, priorities, `NewTask` and its validation (the
+//!   one place client input is checked).
+//! - [`store`]: PostgreSQL, the source of truth. Every SQL statement lives
+//!   here: insert, claim, finish (fenced on the attempt), cancel, read.
+//! - [`queue`]: Redis, the dispatch index of task ids. Every Redis command and
+//!   Lua script lives here.
+//! - [`service`]: client operations composed from store and queue in the
+//!   order the invariants demand (commit, then push).
+//! - [`retry`]: the retry policy, attempt -> delay, a pure function.
+//! - [`config`]: settings read once from flags and the environment.
+//! - [`error`]: the one error type of the core.
+//! - [`telemetry`], [`shutdown`]: log setup and stop signals shared by the
+//!   binaries.
+
+pub mod config;
+pub mod error;
+pub mod queue;
+pub mod retry;
+pub mod service;
+pub mod shutdown;
+pub mod store;
+pub mod task;
+pub mod telemetry;
+
+pub use error::{Error, Result};
+pub use service::Service;
+pub use store::MIGRATOR;

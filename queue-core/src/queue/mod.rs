@@ -1,0 +1,298 @@
+//! Redis: the dispatch index. Every Redis command of the project lives here.
+//!
+//! Redis holds only task ids; PostgreSQL holds everything else, so losing
+//! Redis loses no task (the reconciler re-pushes from PostgreSQL). Per queue
+//! (a queue is a model name) there are two sorted sets, both under the hash
+//! tag `{queue}` so every script touches one Redis Cluster slot:
+//!
+//! - `<prefix>:{<queue>}:ready`: ids ready to run. Score = priority band ×
+//!   10^13 + submission time in ms, so `ZPOPMIN` gives strict priority and
+//!   first-in-first-out within a band (ties broken by the time-ordered id).
+//! - `<prefix>:{<queue>}:scheduled`: tasks waiting for a run-at time (retry
+//!   backoff). Score = run-at in ms; member = `<ready score>|<id>`, so the
+//!   move to `ready` needs no arithmetic in Lua.
+//!
+//! `<prefix>:queues` is the set of queue names a worker serving "every
+//! queue" walks.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use redis::Script;
+use uuid::Uuid;
+
+use crate::config::StoreConfig;
+use crate::error::Result;
+use crate::task::Priority;
+
+/// Band width of a ready score: larger than any ms timestamp until the
+/// year 2286, and band × 10^13 + ms stays exact in an f64.
+const BAND: f64 = 1e13;
+
+/// How many due scheduled tasks one pop moves to ready at most, so a large
+/// wave of retries cannot make one script call slow for everyone else.
+const PROMOTE_LIMIT: usize = 1_000;
+
+/// Pairs per ZADD when pushing big batches.
+const PUSH_CHUNK: usize = 1_000;
+
+/// Moves due scheduled ids to ready, then pops up to N ready ids.
+static POP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(due) do
+  local sep = string.find(member, '|', 1, true)
+  redis.call('ZADD', KEYS[1], string.sub(member, 1, sep - 1), string.sub(member, sep + 1))
+  redis.call('ZREM', KEYS[2], member)
+end
+return redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[2]))
+",
+    )
+});
+
+/// One id to make ready.
+#[derive(Debug, Clone)]
+pub struct ReadyEntry<'a> {
+    pub queue: &'a str,
+    pub id: Uuid,
+    pub priority: Priority,
+    /// Orders the entry within its band (submission time, ms).
+    pub order_ms: i64,
+}
+
+/// An id taken from a ready set, with the score to put it back at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Popped {
+    pub id: Uuid,
+    pub score: f64,
+}
+
+/// Handle to the Redis side. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    pool: Pool,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn ready_score(priority: Priority, order_ms: i64) -> f64 {
+    f64::from(priority.band()) * BAND + order_ms as f64
+}
+
+impl Queue {
+    pub fn connect(config: &StoreConfig) -> Result<Queue> {
+        let mut cfg = deadpool_redis::Config::from_url(config.redis_url.clone());
+        let mut pool_cfg = PoolConfig::new(config.redis_pool);
+        // Bounded waits, so an outage turns into an error (503, backoff)
+        // rather than a request that hangs.
+        pool_cfg.timeouts = Timeouts {
+            wait: Some(Duration::from_secs(2)),
+            create: Some(Duration::from_secs(2)),
+            recycle: Some(Duration::from_secs(2)),
+        };
+        cfg.pool = Some(pool_cfg);
+        let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Client, "pool", e.to_string()))
+        })?;
+        Ok(Queue {
+            pool,
+            prefix: config.key_prefix.clone(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn ready_key(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:ready", self.prefix)
+    }
+
+    fn scheduled_key(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:scheduled", self.prefix)
+    }
+
+    fn queues_key(&self) -> String {
+        format!("{}:queues", self.prefix)
+    }
+
+    /// Readiness: Redis answers.
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.pool.get().await?;
+        let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// Makes ids ready to run, in one pipeline. Pushing an id that is already
+    /// there only moves it (a duplicate is harmless either way).
+    pub async fn push_ready(&self, entries: &[ReadyEntry<'_>]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let mut queues: Vec<&str> = Vec::new();
+        // Entries of one submission nearly always share a queue; group runs
+        // of the same queue into multi-member ZADDs.
+        for run in entries.chunk_by(|a, b| a.queue == b.queue) {
+            if !queues.contains(&run[0].queue) {
+                queues.push(run[0].queue);
+            }
+            let key = self.ready_key(run[0].queue);
+            for chunk in run.chunks(PUSH_CHUNK) {
+                let cmd = pipe.cmd("ZADD").arg(&key);
+                for e in chunk {
+                    cmd.arg(ready_score(e.priority, e.order_ms))
+                        .arg(e.id.to_string());
+                }
+                cmd.ignore();
+            }
+        }
+        pipe.cmd("SADD")
+            .arg(self.queues_key())
+            .arg(&queues)
+            .ignore();
+        let mut conn = self.pool.get().await?;
+        let () = pipe.query_async(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// Parks a task until `run_at_ms`, when a pop moves it to ready at the
+    /// back of its priority band.
+    pub async fn schedule(
+        &self,
+        queue: &str,
+        id: Uuid,
+        priority: Priority,
+        run_at_ms: i64,
+    ) -> Result<()> {
+        let member = format!("{}|{id}", ready_score(priority, run_at_ms));
+        let mut conn = self.pool.get().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.scheduled_key(queue))
+            .arg(run_at_ms)
+            .arg(member)
+            .ignore();
+        pipe.cmd("SADD").arg(self.queues_key()).arg(queue).ignore();
+        let () = pipe.query_async(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// Takes up to `count` ready ids of `queue`, highest priority first,
+    /// after moving due scheduled tasks to ready.
+    pub async fn pop(&self, queue: &str, count: usize, now_ms: i64) -> Result<Vec<Popped>> {
+        let mut conn = self.pool.get().await?;
+        let popped: Vec<(String, f64)> = POP
+            .key(self.ready_key(queue))
+            .key(self.scheduled_key(queue))
+            .arg(now_ms)
+            .arg(count)
+            .arg(PROMOTE_LIMIT)
+            .invoke_async(&mut *conn)
+            .await?;
+        // A member that is not a UUID was not written by us; skip it.
+        Ok(popped
+            .into_iter()
+            .filter_map(|(id, score)| {
+                Some(Popped {
+                    id: Uuid::parse_str(&id).ok()?,
+                    score,
+                })
+            })
+            .collect())
+    }
+
+    /// Puts popped ids back where they were (a claim that failed).
+    pub async fn unpop(&self, queue: &str, popped: &[Popped]) -> Result<()> {
+        if popped.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(self.ready_key(queue));
+        for p in popped {
+            cmd.arg(p.score).arg(p.id.to_string());
+        }
+        let mut conn = self.pool.get().await?;
+        let _: i64 = cmd.query_async(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// Drops a ready id (a cancelled task). Best effort: the claim skips
+    /// cancelled tasks anyway, this only keeps the ready set honest.
+    pub async fn remove_ready(&self, queue: &str, id: Uuid) -> Result<()> {
+        let mut conn = self.pool.get().await?;
+        let _: i64 = redis::cmd("ZREM")
+            .arg(self.ready_key(queue))
+            .arg(id.to_string())
+            .query_async(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Every queue that has received a task.
+    pub async fn queues(&self) -> Result<Vec<String>> {
+        let mut conn = self.pool.get().await?;
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.queues_key())
+            .query_async(&mut *conn)
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Ids ready and scheduled in a queue.
+    pub async fn depth(&self, queue: &str) -> Result<(u64, u64)> {
+        let mut conn = self.pool.get().await?;
+        let (ready, scheduled): (u64, u64) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(self.ready_key(queue))
+            .cmd("ZCARD")
+            .arg(self.scheduled_key(queue))
+            .query_async(&mut *conn)
+            .await?;
+        Ok((ready, scheduled))
+    }
+
+    /// Every key under this prefix (tests check that a refused request left
+    /// nothing behind). Uses SCAN, never KEYS.
+    pub async fn keys(&self) -> Result<Vec<String>> {
+        let mut conn = self.pool.get().await?;
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut *conn)
+                .await?;
+            out.extend(batch);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Deletes every key under this prefix (test cleanup).
+    pub async fn purge(&self) -> Result<()> {
+        let keys = self.keys().await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.pool.get().await?;
+        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut *conn).await?;
+        Ok(())
+    }
+}

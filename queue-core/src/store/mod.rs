@@ -1,0 +1,66 @@
+//! PostgreSQL: the source of truth. Every SQL statement of the project lives
+//! in this module, each in a small function that says what it changes.
+
+mod batches;
+mod tasks;
+
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+pub(crate) use tasks::Row;
+pub use tasks::{CancelOutcome, ClaimedTask, Finish};
+
+use crate::config::StoreConfig;
+use crate::error::Result;
+
+/// Migrations embedded from the workspace's `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Handle to the task tables. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    /// Connects (creating the database first when configured to).
+    pub async fn connect(config: &StoreConfig) -> Result<Store> {
+        if config.create_database && !sqlx::Postgres::database_exists(&config.database_url).await? {
+            // Two processes starting together may race here; losing is fine.
+            if let Err(e) = sqlx::Postgres::create_database(&config.database_url).await {
+                tracing::debug!(error = %e, "create database raced");
+            }
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_pool)
+            // Short, so a request during an outage gets 503 quickly instead
+            // of hanging on the pool.
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(&config.database_url)
+            .await?;
+        Ok(Store { pool })
+    }
+
+    /// Applies pending migrations. sqlx holds an advisory lock meanwhile, so
+    /// several processes may call this at once.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Readiness: PostgreSQL answers a query.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

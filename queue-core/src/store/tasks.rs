@@ -1,0 +1,301 @@
+//! Task rows: insert, claim, finish, cancel, read.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::Row as _;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::Store;
+use crate::error::Result;
+use crate::task::{AttemptRecord, Input, NewTask, TaskRecord, TaskStatus};
+
+/// Rows per INSERT statement. A 100,000-task batch is several statements in
+/// one transaction, so it is still accepted all or none.
+const INSERT_CHUNK: usize = 5_000;
+
+const TASK_COLUMNS: &str = "id, batch_id, model, priority, status, input, params, metadata, \
+     attempts, max_attempts, result, error, run_at, created_at, started_at, finished_at";
+
+/// A task a worker now holds, with what it needs to run it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedTask {
+    pub id: Uuid,
+    pub model: String,
+    pub priority: i16,
+    pub input: Json<Input>,
+    pub params: Json<Map<String, Value>>,
+    /// This attempt's number (1-based): the fence on every later write.
+    pub attempts: i32,
+    pub max_attempts: i32,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    Succeeded {
+        result: Value,
+    },
+    /// Retryable failure: wait until `run_at`, then run again.
+    Retry {
+        error: String,
+        run_at: DateTime<Utc>,
+    },
+    /// Permanent failure or attempts used up: the dead-letter state.
+    Failed {
+        error: String,
+    },
+    /// Handed back unfinished (graceful shutdown); the attempt is not charged.
+    Released,
+}
+
+#[derive(Debug)]
+pub enum CancelOutcome {
+    Cancelled(Box<TaskRecord>),
+    NotFound,
+    /// The task is running or already finished.
+    Conflict(TaskStatus),
+}
+
+/// The part of a new task that is stored; ids are given by the caller so the
+/// API can answer with them and push them to Redis after the commit.
+pub(crate) struct Row<'a> {
+    pub id: Uuid,
+    pub task: &'a NewTask,
+}
+
+impl Store {
+    /// Inserts tasks (all `queued`), optionally with their batch, in one
+    /// transaction.
+    pub(crate) async fn insert_tasks(
+        &self,
+        batch: Option<(Uuid, Option<&Value>)>,
+        rows: &[Row<'_>],
+    ) -> Result<DateTime<Utc>> {
+        let mut tx = self.pool.begin().await?;
+        let created_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await?;
+        let batch_id = batch.map(|(id, _)| id);
+        if let Some((id, metadata)) = batch {
+            sqlx::query(
+                "INSERT INTO batches (id, total, metadata, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id)
+            .bind(rows.len() as i32)
+            .bind(metadata)
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let mut ids = Vec::with_capacity(chunk.len());
+            let mut models = Vec::with_capacity(chunk.len());
+            let mut priorities = Vec::with_capacity(chunk.len());
+            let mut inputs = Vec::with_capacity(chunk.len());
+            let mut params = Vec::with_capacity(chunk.len());
+            let mut metadata = Vec::with_capacity(chunk.len());
+            let mut max_attempts = Vec::with_capacity(chunk.len());
+            for row in chunk {
+                ids.push(row.id);
+                models.push(row.task.model.as_str());
+                priorities.push(row.task.priority.band());
+                inputs.push(Json(&row.task.input));
+                params.push(Json(&row.task.params));
+                metadata.push(row.task.metadata.as_ref());
+                max_attempts.push(row.task.max_attempts);
+            }
+            sqlx::query(
+                "INSERT INTO tasks (id, batch_id, model, priority, status, input, params, metadata, max_attempts, created_at)
+                 SELECT u.id, $2, u.model, u.priority, 'queued', u.input, u.params, u.metadata, u.max_attempts, $9
+                 FROM UNNEST($1::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int4[])
+                   AS u(id, model, priority, input, params, metadata, max_attempts)",
+            )
+            .bind(&ids)
+            .bind(batch_id)
+            .bind(&models)
+            .bind(&priorities)
+            .bind(&inputs)
+            .bind(&params)
+            .bind(&metadata)
+            .bind(&max_attempts)
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(created_at)
+    }
+
+    /// Takes the tasks among `ids` that are still waiting to run, marks them
+    /// running under a lease and opens an attempt row for each. Ids already
+    /// claimed, cancelled or finished are skipped, which is what makes a
+    /// duplicate id in Redis harmless. A scheduled task is claimable once it
+    /// is due (with a second of grace for clock skew between hosts).
+    pub async fn claim(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<ClaimedTask>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query_as::<_, ClaimedTask>(
+            "WITH claimed AS (
+                UPDATE tasks
+                   SET status = 'running', attempts = attempts + 1, run_at = NULL,
+                       started_at = coalesce(started_at, now()),
+                       lease_until = now() + make_interval(secs => $2)
+                 WHERE id = ANY($1)
+                   AND (status = 'queued'
+                        OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
+             RETURNING id, model, priority, input, params, attempts, max_attempts
+             ), opened AS (
+                INSERT INTO task_attempts (task_id, attempt) SELECT id, attempts FROM claimed
+             )
+             SELECT * FROM claimed",
+        )
+        .bind(ids)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Records how attempt `attempt` of task `id` ended. Fenced: it changes
+    /// nothing unless that attempt still holds the task (running, same
+    /// attempt number), so a worker whose lease lapsed cannot overwrite the
+    /// attempt that replaced it. Returns whether the write took effect.
+    pub async fn finish(&self, id: Uuid, attempt: i32, finish: &Finish) -> Result<bool> {
+        let query = match finish {
+            Finish::Succeeded { result } => sqlx::query(
+                "WITH t AS (
+                    UPDATE tasks SET status = 'succeeded', result = $3, error = NULL,
+                                     finished_at = now(), lease_until = NULL
+                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                 RETURNING id, attempts
+                 ), h AS (
+                    UPDATE task_attempts a SET finished_at = now(), outcome = 'succeeded'
+                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                 )
+                 SELECT count(*) FROM t",
+            )
+            .bind(id)
+            .bind(attempt)
+            .bind(result),
+            Finish::Retry { error, run_at } => sqlx::query(
+                "WITH t AS (
+                    UPDATE tasks SET status = 'scheduled', run_at = $4, error = $3, lease_until = NULL
+                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                 RETURNING id, attempts
+                 ), h AS (
+                    UPDATE task_attempts a SET finished_at = now(), outcome = 'retry', error = $3
+                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                 )
+                 SELECT count(*) FROM t",
+            )
+            .bind(id)
+            .bind(attempt)
+            .bind(error)
+            .bind(run_at),
+            Finish::Failed { error } => sqlx::query(
+                "WITH t AS (
+                    UPDATE tasks SET status = 'failed', error = $3, finished_at = now(), lease_until = NULL
+                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                 RETURNING id, attempts
+                 ), h AS (
+                    UPDATE task_attempts a SET finished_at = now(), outcome = 'failed', error = $3
+                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                 )
+                 SELECT count(*) FROM t",
+            )
+            .bind(id)
+            .bind(attempt)
+            .bind(error),
+            Finish::Released => sqlx::query(
+                "WITH t AS (
+                    UPDATE tasks SET status = 'queued', attempts = attempts - 1, lease_until = NULL
+                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                 RETURNING id, attempts + 1 AS attempt
+                 ), h AS (
+                    UPDATE task_attempts a SET finished_at = now(), outcome = 'released',
+                           error = 'handed back on worker shutdown; not charged'
+                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempt AND a.finished_at IS NULL
+                 )
+                 SELECT count(*) FROM t",
+            )
+            .bind(id)
+            .bind(attempt),
+        };
+        let n: i64 = query.fetch_one(&self.pool).await?.try_get(0)?;
+        Ok(n == 1)
+    }
+
+    /// Extends the leases of tasks a worker still runs (its heartbeat), in
+    /// one statement. Returns the ids whose lease was extended: a task
+    /// missing from the answer is no longer this attempt's (cancelled, or
+    /// its lease lapsed and another attempt took it), so its worker stops.
+    pub async fn renew_leases(&self, held: &[(Uuid, i32)], lease: Duration) -> Result<Vec<Uuid>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = held.iter().copied().unzip();
+        Ok(sqlx::query_scalar(
+            "UPDATE tasks t SET lease_until = now() + make_interval(secs => $3)
+               FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, attempt)
+              WHERE t.id = u.id AND t.attempts = u.attempt AND t.status = 'running'
+          RETURNING t.id",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Cancels a task that has not started (`queued` or `scheduled`).
+    pub async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
+        let sql = format!(
+            "UPDATE tasks SET status = 'cancelled', finished_at = now(), run_at = NULL
+              WHERE id = $1 AND status IN ('queued', 'scheduled')
+          RETURNING {TASK_COLUMNS}"
+        );
+        let cancelled = sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(task) = cancelled {
+            return Ok(CancelOutcome::Cancelled(Box::new(task)));
+        }
+        Ok(match self.task(id).await? {
+            None => CancelOutcome::NotFound,
+            Some(t) => CancelOutcome::Conflict(t.status),
+        })
+    }
+
+    pub async fn task(&self, id: Uuid) -> Result<Option<TaskRecord>> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+        Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Every attempt of a task, oldest first.
+    pub async fn history(&self, id: Uuid) -> Result<Vec<AttemptRecord>> {
+        Ok(sqlx::query_as::<_, AttemptRecord>(
+            "SELECT attempt, started_at, finished_at, outcome, error
+               FROM task_attempts WHERE task_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Number of tasks in each status (tests and the CLI use this).
+    pub async fn count_by_status(&self) -> Result<Vec<(TaskStatus, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+}

@@ -1,0 +1,634 @@
+//! Tasks: their statuses, priorities, and the one place client input is checked.
+//!
+//! Input arrives as a `serde_json::Value` rather than a derived struct so that
+//! every rejection can name the exact field (`tasks[17].priority`), which
+//! serde's own errors cannot do.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// Most tasks a single `POST /batches` may carry.
+pub const MAX_BATCH_TASKS: usize = 100_000;
+/// Largest `metadata` object, measured as compact JSON.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
+pub const MAX_MAX_ATTEMPTS: i32 = 20;
+/// Model names become part of Redis keys inside a `{hash tag}`, so braces and
+/// whitespace are excluded; the rest covers `org/model`, `llama3:8b`, `gpt-4.1`.
+const MAX_MODEL_LEN: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Waiting for its run-at time (a retry's backoff).
+    Scheduled,
+    Queued,
+    Running,
+    Succeeded,
+    /// Attempts used up or a permanent error: the dead-letter state.
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Scheduled,
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Scheduled => "scheduled",
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// The band that orders the ready set: lower runs first. Stored in
+    /// PostgreSQL as this number too.
+    pub fn band(self) -> i16 {
+        match self {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }
+    }
+
+    pub fn from_band(band: i16) -> Option<Priority> {
+        match band {
+            0 => Some(Priority::High),
+            1 => Some(Priority::Normal),
+            2 => Some(Priority::Low),
+            _ => None,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "high" => Some(Priority::High),
+            "normal" => Some(Priority::Normal),
+            "low" => Some(Priority::Low),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// What the model is asked: a bare prompt or a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Input {
+    Prompt(String),
+    Messages(Vec<Message>),
+}
+
+impl Input {
+    /// The conversation as chat messages; a prompt is one user message.
+    pub fn messages(&self) -> Vec<Message> {
+        match self {
+            Input::Prompt(p) => vec![Message {
+                role: "user".to_owned(),
+                content: p.clone(),
+            }],
+            Input::Messages(m) => m.clone(),
+        }
+    }
+}
+
+/// A validated submission, ready to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub model: String,
+    pub input: Input,
+    pub params: Map<String, Value>,
+    pub priority: Priority,
+    pub max_attempts: i32,
+    pub metadata: Option<Value>,
+}
+
+/// A validated batch submission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBatch {
+    pub tasks: Vec<NewTask>,
+    pub metadata: Option<Value>,
+}
+
+/// Why a submission was refused; `field` is a path into the request body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+type Result<T, E = ValidationError> = std::result::Result<T, E>;
+
+fn join(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn object<'a>(value: &'a Value, path: &str) -> Result<&'a Map<String, Value>> {
+    value.as_object().ok_or_else(|| {
+        let name = if path.is_empty() { "body" } else { path };
+        ValidationError::new(name, "must be a JSON object")
+    })
+}
+
+fn reject_unknown(obj: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<()> {
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ValidationError::new(
+            join(prefix, k),
+            format!("unknown field; expected one of: {}", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn metadata(obj: &Map<String, Value>, prefix: &str) -> Result<Option<Value>> {
+    let field = join(prefix, "metadata");
+    match obj.get("metadata") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Object(_)) => {
+            let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+            if size > MAX_METADATA_BYTES {
+                return Err(ValidationError::new(
+                    field,
+                    format!("is {size} bytes; at most {MAX_METADATA_BYTES} are allowed"),
+                ));
+            }
+            Ok(Some(v.clone()))
+        }
+        Some(_) => Err(ValidationError::new(field, "must be a JSON object")),
+    }
+}
+
+fn valid_model(model: &str) -> bool {
+    !model.is_empty()
+        && model.len() <= MAX_MODEL_LEN
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b))
+}
+
+impl NewTask {
+    /// Checks one task object. `prefix` is its path in the body ("" for
+    /// `POST /tasks`, `tasks[3]` inside a batch).
+    pub fn from_json(value: &Value, prefix: &str) -> Result<NewTask> {
+        let obj = object(value, prefix)?;
+        reject_unknown(
+            obj,
+            prefix,
+            &[
+                "model",
+                "prompt",
+                "messages",
+                "params",
+                "priority",
+                "max_attempts",
+                "metadata",
+            ],
+        )?;
+
+        let model = match obj.get("model") {
+            None | Some(Value::Null) => {
+                return Err(ValidationError::new(join(prefix, "model"), "is required"));
+            }
+            Some(Value::String(m)) if valid_model(m) => m.clone(),
+            Some(Value::String(_)) => {
+                return Err(ValidationError::new(
+                    join(prefix, "model"),
+                    format!(
+                        "must be 1 to {MAX_MODEL_LEN} characters of letters, digits and - _ . : / @"
+                    ),
+                ));
+            }
+            Some(_) => {
+                return Err(ValidationError::new(
+                    join(prefix, "model"),
+                    "must be a string",
+                ));
+            }
+        };
+
+        let prompt = obj.get("prompt").filter(|v| !v.is_null());
+        let messages = obj.get("messages").filter(|v| !v.is_null());
+        let input = match (prompt, messages) {
+            (Some(_), Some(_)) => {
+                return Err(ValidationError::new(
+                    join(prefix, "prompt"),
+                    "give exactly one of prompt or messages, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ValidationError::new(
+                    join(prefix, "prompt"),
+                    "give exactly one of prompt or messages",
+                ));
+            }
+            (Some(Value::String(p)), None) => Input::Prompt(p.clone()),
+            (Some(_), None) => {
+                return Err(ValidationError::new(
+                    join(prefix, "prompt"),
+                    "must be a string",
+                ));
+            }
+            (None, Some(m)) => Input::Messages(parse_messages(m, &join(prefix, "messages"))?),
+        };
+
+        let params = match obj.get("params") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(p)) => {
+                check_params(p, &join(prefix, "params"))?;
+                p.clone()
+            }
+            Some(_) => {
+                return Err(ValidationError::new(
+                    join(prefix, "params"),
+                    "must be a JSON object",
+                ));
+            }
+        };
+
+        let priority = match obj.get("priority") {
+            None | Some(Value::Null) => Priority::Normal,
+            Some(Value::String(s)) => Priority::parse(s).ok_or_else(|| {
+                ValidationError::new(
+                    join(prefix, "priority"),
+                    "must be one of: high, normal, low",
+                )
+            })?,
+            Some(_) => {
+                return Err(ValidationError::new(
+                    join(prefix, "priority"),
+                    "must be one of: high, normal, low",
+                ));
+            }
+        };
+
+        let max_attempts = match obj.get("max_attempts") {
+            None | Some(Value::Null) => DEFAULT_MAX_ATTEMPTS,
+            Some(v) => match v.as_i64() {
+                Some(n) if (1..=i64::from(MAX_MAX_ATTEMPTS)).contains(&n) => n as i32,
+                _ => {
+                    return Err(ValidationError::new(
+                        join(prefix, "max_attempts"),
+                        format!("must be an integer from 1 to {MAX_MAX_ATTEMPTS}"),
+                    ));
+                }
+            },
+        };
+
+        Ok(NewTask {
+            model,
+            input,
+            params,
+            priority,
+            max_attempts,
+            metadata: metadata(obj, prefix)?,
+        })
+    }
+}
+
+fn parse_messages(value: &Value, path: &str) -> Result<Vec<Message>> {
+    let items = value
+        .as_array()
+        .ok_or_else(|| ValidationError::new(path, "must be an array of {role, content}"))?;
+    if items.is_empty() {
+        return Err(ValidationError::new(path, "must hold at least one message"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = format!("{path}[{i}]");
+            let obj = object(item, &at)?;
+            reject_unknown(obj, &at, &["role", "content"])?;
+            let role = match obj.get("role") {
+                Some(Value::String(r))
+                    if ["system", "user", "assistant", "tool"].contains(&r.as_str()) =>
+                {
+                    r.clone()
+                }
+                Some(_) => {
+                    return Err(ValidationError::new(
+                        format!("{at}.role"),
+                        "must be one of: system, user, assistant, tool",
+                    ));
+                }
+                None => return Err(ValidationError::new(format!("{at}.role"), "is required")),
+            };
+            let content = match obj.get("content") {
+                Some(Value::String(c)) => c.clone(),
+                Some(_) => {
+                    return Err(ValidationError::new(
+                        format!("{at}.content"),
+                        "must be a string",
+                    ));
+                }
+                None => {
+                    return Err(ValidationError::new(format!("{at}.content"), "is required"));
+                }
+            };
+            Ok(Message { role, content })
+        })
+        .collect()
+}
+
+/// `params` pass through to the backend, so only the keys whose meaning we
+/// know are checked; `sim` holds the simulated backend's test controls.
+fn check_params(params: &Map<String, Value>, path: &str) -> Result<()> {
+    if let Some(v) = params.get("max_tokens") {
+        match v.as_u64() {
+            Some(n) if (1..=1_000_000).contains(&n) => {}
+            _ => {
+                return Err(ValidationError::new(
+                    format!("{path}.max_tokens"),
+                    "must be an integer from 1 to 1000000",
+                ));
+            }
+        }
+    }
+    if let Some(v) = params.get("temperature") {
+        match v.as_f64() {
+            Some(t) if (0.0..=2.0).contains(&t) => {}
+            _ => {
+                return Err(ValidationError::new(
+                    format!("{path}.temperature"),
+                    "must be a number from 0 to 2",
+                ));
+            }
+        }
+    }
+    if let Some(sim) = params.get("sim") {
+        let at = format!("{path}.sim");
+        let obj = object(sim, &at)?;
+        reject_unknown(obj, &at, &["latency_ms", "fail_attempts", "fail_permanent"])?;
+        for key in ["latency_ms", "fail_attempts"] {
+            if let Some(v) = obj.get(key)
+                && v.as_u64().is_none_or(|n| n > 3_600_000)
+            {
+                return Err(ValidationError::new(
+                    format!("{at}.{key}"),
+                    "must be a non-negative integer",
+                ));
+            }
+        }
+        if let Some(v) = obj.get("fail_permanent")
+            && !v.is_boolean()
+        {
+            return Err(ValidationError::new(
+                format!("{at}.fail_permanent"),
+                "must be a boolean",
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl NewBatch {
+    pub fn from_json(value: &Value) -> Result<NewBatch> {
+        let obj = object(value, "")?;
+        reject_unknown(obj, "", &["tasks", "metadata"])?;
+        let items = match obj.get("tasks") {
+            None | Some(Value::Null) => return Err(ValidationError::new("tasks", "is required")),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                return Err(ValidationError::new(
+                    "tasks",
+                    "must be an array of task objects",
+                ));
+            }
+        };
+        if items.is_empty() || items.len() > MAX_BATCH_TASKS {
+            return Err(ValidationError::new(
+                "tasks",
+                format!(
+                    "holds {} tasks; a batch takes 1 to {MAX_BATCH_TASKS}",
+                    items.len()
+                ),
+            ));
+        }
+        let tasks = items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| NewTask::from_json(t, &format!("tasks[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(NewBatch {
+            tasks,
+            metadata: metadata(obj, "")?,
+        })
+    }
+}
+
+/// A task as stored, for reading back.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TaskRecord {
+    pub id: Uuid,
+    pub batch_id: Option<Uuid>,
+    pub model: String,
+    pub priority: i16,
+    pub status: TaskStatus,
+    pub input: sqlx::types::Json<Input>,
+    pub params: sqlx::types::Json<Map<String, Value>>,
+    pub metadata: Option<Value>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl TaskRecord {
+    pub fn priority(&self) -> Priority {
+        Priority::from_band(self.priority).unwrap_or(Priority::Normal)
+    }
+}
+
+/// One attempt of a task, as `GET /tasks/{id}` shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AttemptRecord {
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// `succeeded`, `retry`, `failed`, `cancelled`, `released` (handed back on
+    /// shutdown, not charged), or null while it runs.
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Progress of a batch, counted from its tasks.
+#[derive(Debug, Clone)]
+pub struct BatchRecord {
+    pub id: Uuid,
+    pub total: i32,
+    pub metadata: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub counts: Vec<(TaskStatus, i64)>,
+    /// When the last task finished, if all of them have.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl BatchRecord {
+    pub fn count(&self, status: TaskStatus) -> i64 {
+        self.counts
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        let done: i64 = TaskStatus::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| self.count(*s))
+            .sum();
+        done >= i64::from(self.total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field_of(v: Value) -> String {
+        NewTask::from_json(&v, "").unwrap_err().field
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let t = NewTask::from_json(&json!({"model": "sim", "prompt": "hi"}), "").unwrap();
+        assert_eq!(t.priority, Priority::Normal);
+        assert_eq!(t.max_attempts, DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(t.input, Input::Prompt("hi".into()));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert_eq!(field_of(json!({"prompt": "x"})), "model");
+        assert_eq!(field_of(json!({"model": 3, "prompt": "x"})), "model");
+        assert_eq!(field_of(json!({"model": "a{b}", "prompt": "x"})), "model");
+        assert_eq!(field_of(json!({"model": "m"})), "prompt");
+        assert_eq!(
+            field_of(json!({"model": "m", "prompt": "x", "messages": []})),
+            "prompt"
+        );
+        assert_eq!(
+            field_of(json!({"model": "m", "messages": [{"role": "user"}]})),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field_of(json!({"model": "m", "messages": [{"role": "boss", "content": "x"}]})),
+            "messages[0].role"
+        );
+        assert_eq!(
+            field_of(json!({"model": "m", "prompt": "x", "priority": "urgent"})),
+            "priority"
+        );
+        assert_eq!(
+            field_of(json!({"model": "m", "prompt": "x", "max_attempts": 21})),
+            "max_attempts"
+        );
+        assert_eq!(
+            field_of(json!({"model": "m", "prompt": "x", "max_attempts": 1.5})),
+            "max_attempts"
+        );
+        assert_eq!(
+            field_of(json!({"model": "m", "prompt": "x", "priorty": "high"})),
+            "priorty"
+        );
+        assert_eq!(
+            field_of(json!({"model": "m", "prompt": "x", "params": {"sim": {"latency": 1}}})),
+            "params.sim.latency"
+        );
+    }
+
+    #[test]
+    fn batch_paths_point_into_the_array() {
+        let err = NewBatch::from_json(&json!({"tasks": [
+            {"model": "m", "prompt": "ok"},
+            {"model": "m", "prompt": "ok", "priority": 1}
+        ]}))
+        .unwrap_err();
+        assert_eq!(err.field, "tasks[1].priority");
+        assert_eq!(
+            NewBatch::from_json(&json!({"tasks": []}))
+                .unwrap_err()
+                .field,
+            "tasks"
+        );
+    }
+
+    #[test]
+    fn metadata_is_capped() {
+        let big = "x".repeat(MAX_METADATA_BYTES);
+        assert_eq!(
+            field_of(json!({"model": "m", "prompt": "x", "metadata": {"k": big}})),
+            "metadata"
+        );
+        let ok = "x".repeat(MAX_METADATA_BYTES - 100);
+        assert!(
+            NewTask::from_json(
+                &json!({"model": "m", "prompt": "x", "metadata": {"k": ok}}),
+                ""
+            )
+            .is_ok()
+        );
+    }
+}

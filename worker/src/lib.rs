@@ -1,0 +1,13 @@
+//! inferq's worker: pulls task ids from Redis, claims the tasks in
+//! PostgreSQL, runs them on an inference backend and records every outcome.
+//!
+//! # Layout
+//!
+//! - [`pool`]: the fetch loop, the per-attempt runner, heartbeats, shutdown.
+//! - [`backend`]: the `Backend` trait and its implementations (`sim` now;
+//!   OpenAI-compatible and Ollama next).
+
+pub mod backend;
+pub mod pool;
+
+pub use pool::Worker;

@@ -1,0 +1,56 @@
+//! `inferq-worker`: parse config, connect, run the pool until a stop signal.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use backon::Retryable as _;
+use clap::Parser;
+use inferq_worker::Worker;
+use inferq_worker::backend::sim::SimBackend;
+use queue_core::config::{StoreConfig, WorkerConfig};
+use queue_core::queue::Queue;
+use queue_core::retry::io_backoff;
+use queue_core::store::Store;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "inferq-worker",
+    version,
+    about = "inferq worker: runs queued inference tasks"
+)]
+struct Cli {
+    #[command(flatten)]
+    store: StoreConfig,
+    #[command(flatten)]
+    worker: WorkerConfig,
+    /// Inference backend. Only `sim` (the simulated LLM) exists so far.
+    #[arg(long, env = "INFERQ_BACKEND", default_value = "sim", value_parser = ["sim"])]
+    backend: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    queue_core::telemetry::init();
+
+    // PostgreSQL may still be starting (compose, a fresh machine): retry.
+    let store = (|| Store::connect(&cli.store))
+        .retry(io_backoff())
+        .notify(|e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "postgres not reachable yet"))
+        .await
+        .context("connecting to PostgreSQL")?;
+    store.migrate().await.context("applying migrations")?;
+    let queue = Queue::connect(&cli.store).context("configuring Redis")?;
+
+    let backend = Arc::new(SimBackend);
+    let worker = Worker::new(store, queue, backend, cli.worker);
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        queue_core::shutdown::signal().await;
+        signal.cancel();
+    });
+    worker.run(shutdown).await;
+    Ok(())
+}

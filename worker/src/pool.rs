@@ -1,0 +1,422 @@
+//! The worker pool: take ids from Redis, claim them in PostgreSQL, run them
+//! on the backend, record how each attempt ended.
+//!
+//! One loop fetches: it waits for a free slot, pops up to `claim_batch` ids
+//! (as many as there are free slots) across the served queues, claims them
+//! in one UPDATE and spawns one task per claimed row. A heartbeat loop
+//! renews the leases of everything in flight in one statement, and stops
+//! any attempt that no longer holds its task.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::Retryable as _;
+use futures::FutureExt as _;
+use queue_core::config::WorkerConfig;
+use queue_core::queue::{Popped, Queue, ReadyEntry};
+use queue_core::retry::{RetryPolicy, io_backoff};
+use queue_core::store::{ClaimedTask, Finish, Store};
+use queue_core::task::Priority;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::backend::{Backend, BackendError, InferenceRequest};
+
+/// How long the list of queues (for a worker serving all of them) is reused
+/// before asking Redis again.
+const QUEUE_LIST_TTL: Duration = Duration::from_secs(1);
+/// Longest sleep between fetches while the stores are failing.
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(2);
+
+/// An attempt in flight: its fence and the token that stops it.
+struct InFlight {
+    attempt: i32,
+    stop: CancellationToken,
+}
+
+struct Inner {
+    store: Store,
+    queue: Queue,
+    backend: Arc<dyn Backend>,
+    config: WorkerConfig,
+    policy: RetryPolicy,
+    in_flight: Mutex<HashMap<Uuid, InFlight>>,
+    /// Fired when the grace period of a shutdown has run out.
+    hard_stop: CancellationToken,
+}
+
+/// A worker process's pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        queue: Queue,
+        backend: Arc<dyn Backend>,
+        config: WorkerConfig,
+    ) -> Worker {
+        let policy = config.retry_policy();
+        Worker {
+            inner: Arc::new(Inner {
+                store,
+                queue,
+                backend,
+                config,
+                policy,
+                in_flight: Mutex::new(HashMap::new()),
+                hard_stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Runs until `shutdown` fires, then drains: in-flight attempts get the
+    /// grace period to finish, the rest are handed back uncharged.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let inner = &self.inner;
+        let tracker = TaskTracker::new();
+        let heartbeat = tokio::spawn(heartbeat(self.inner.clone(), shutdown.child_token()));
+        let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
+        let mut fetcher = Fetcher::new(inner.config.queue_list());
+        tracing::info!(
+            concurrency = inner.config.concurrency,
+            backend = inner.backend.name(),
+            "worker started"
+        );
+
+        loop {
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
+                () = shutdown.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < inner.config.claim_batch.max(1) {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let wait = match fetcher.fetch(inner, permits, &tracker).await {
+                Ok(0) => Duration::from_millis(inner.config.poll_ms),
+                Ok(_) => {
+                    fetcher.errors = 0;
+                    continue;
+                }
+                Err(e) => {
+                    fetcher.errors += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(fetcher.errors.min(5)))
+                        .min(MAX_ERROR_BACKOFF);
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "fetch failed");
+                    wait
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+
+        tracker.close();
+        let grace = Duration::from_secs(inner.config.shutdown_grace_secs);
+        tracing::info!(
+            in_flight = tracker.len(),
+            grace_secs = grace.as_secs(),
+            "draining"
+        );
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::info!(
+                in_flight = tracker.len(),
+                "grace period over; handing the rest back"
+            );
+            inner.hard_stop.cancel();
+            tracker.wait().await;
+        }
+        heartbeat.abort();
+        tracing::info!("worker stopped");
+    }
+}
+
+/// The fetch side of the loop: which queue to look at next.
+struct Fetcher {
+    configured: Vec<String>,
+    known: Vec<String>,
+    known_at: Option<Instant>,
+    next: usize,
+    errors: u32,
+}
+
+impl Fetcher {
+    fn new(configured: Vec<String>) -> Fetcher {
+        Fetcher {
+            configured,
+            known: Vec::new(),
+            known_at: None,
+            next: 0,
+            errors: 0,
+        }
+    }
+
+    async fn queues(&mut self, queue: &Queue) -> queue_core::Result<Vec<String>> {
+        if !self.configured.is_empty() {
+            return Ok(self.configured.clone());
+        }
+        if self.known_at.is_none_or(|t| t.elapsed() > QUEUE_LIST_TTL) {
+            self.known = queue.queues().await?;
+            self.known_at = Some(Instant::now());
+        }
+        Ok(self.known.clone())
+    }
+
+    /// Fills as many of `permits` as there is work for; returns how many
+    /// tasks started. Unused permits are dropped (freed) on return.
+    async fn fetch(
+        &mut self,
+        inner: &Arc<Inner>,
+        mut permits: Vec<OwnedSemaphorePermit>,
+        tracker: &TaskTracker,
+    ) -> queue_core::Result<usize> {
+        let queues = self.queues(&inner.queue).await?;
+        if queues.is_empty() {
+            return Ok(0);
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut started = 0;
+        // Round-robin across queues so one deep queue cannot starve others;
+        // within a queue the ready set gives strict priority.
+        for i in 0..queues.len() {
+            if permits.is_empty() {
+                break;
+            }
+            let name = &queues[(self.next + i) % queues.len()];
+            let popped = inner.queue.pop(name, permits.len(), now_ms).await?;
+            if popped.is_empty() {
+                continue;
+            }
+            let ids: Vec<Uuid> = popped.iter().map(|p| p.id).collect();
+            let mut claimed = match inner.store.claim(&ids, lease(&inner.config)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    put_back(&inner.queue, name, &popped).await;
+                    return Err(e);
+                }
+            };
+            // RETURNING order is arbitrary; run in the order Redis gave.
+            claimed.sort_by_key(|t| ids.iter().position(|id| *id == t.id));
+            for task in claimed {
+                let permit = permits
+                    .pop()
+                    .expect("never claims more than there are slots");
+                inner.in_flight.lock().expect("lock").insert(
+                    task.id,
+                    InFlight {
+                        attempt: task.attempts,
+                        stop: CancellationToken::new(),
+                    },
+                );
+                tracker.spawn(run_attempt(inner.clone(), task, permit));
+                started += 1;
+            }
+        }
+        self.next = self.next.wrapping_add(1);
+        Ok(started)
+    }
+}
+
+fn lease(config: &WorkerConfig) -> Duration {
+    Duration::from_secs(config.lease_secs.max(1))
+}
+
+async fn put_back(queue: &Queue, name: &str, popped: &[Popped]) {
+    if let Err(e) = queue.unpop(name, popped).await {
+        // The tasks are still queued in PostgreSQL; the reconciler
+        // re-dispatches them.
+        tracing::warn!(error = %e, tasks = popped.len(), "could not put ids back after a failed claim");
+    }
+}
+
+/// Renews the leases of every attempt in flight, every third of a lease,
+/// and stops attempts that lost their task.
+async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
+    let lease = lease(&inner.config);
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let held: Vec<(Uuid, i32)> = inner
+            .in_flight
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(id, f)| (*id, f.attempt))
+            .collect();
+        match inner.store.renew_leases(&held, lease).await {
+            Ok(kept) => {
+                let lost: Vec<Uuid> = held
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| !kept.contains(id))
+                    .collect();
+                let map = inner.in_flight.lock().expect("lock");
+                for id in lost {
+                    if let Some(f) = map.get(&id) {
+                        tracing::info!(task_id = %id, "task no longer held by this attempt; stopping it");
+                        f.stop.cancel();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, tasks = held.len(), "lease renewal failed"),
+        }
+    }
+}
+
+/// Runs one attempt and records its outcome.
+async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphorePermit) {
+    let span = tracing::info_span!(
+        "task",
+        task_id = %task.id,
+        model = %task.model,
+        attempt = task.attempts,
+    );
+    async {
+        let stop = inner
+            .in_flight
+            .lock()
+            .expect("lock")
+            .get(&task.id)
+            .map(|f| f.stop.clone())
+            .unwrap_or_default();
+        let request = InferenceRequest {
+            task_id: task.id,
+            model: task.model.clone(),
+            input: task.input.0.clone(),
+            params: task.params.0.clone(),
+            attempt: task.attempts.max(1) as u32,
+        };
+        let call = AssertUnwindSafe(inner.backend.infer(&request, &stop)).catch_unwind();
+        let outcome = tokio::select! {
+            out = call => Some(out),
+            () = inner.hard_stop.cancelled() => None,
+            () = stop.cancelled() => Some(Ok(Err(BackendError::Cancelled))),
+        };
+        let finish = match outcome {
+            None => Finish::Released,
+            Some(Ok(Ok(answer))) => Finish::Succeeded {
+                result: serde_json::to_value(&answer).unwrap_or_default(),
+            },
+            Some(Ok(Err(BackendError::Cancelled))) => {
+                // The task was taken from us (cancelled or re-leased):
+                // there is nothing of ours left to record.
+                inner.in_flight.lock().expect("lock").remove(&task.id);
+                return;
+            }
+            Some(Ok(Err(BackendError::Permanent { message }))) => Finish::Failed { error: message },
+            Some(Ok(Err(BackendError::Retryable {
+                message,
+                retry_after,
+            }))) => retry_or_fail(&inner, &task, message, retry_after),
+            Some(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                tracing::error!(panic = %what, "backend panicked");
+                retry_or_fail(&inner, &task, format!("backend panicked: {what}"), None)
+            }
+        };
+        record(&inner, &task, finish).await;
+        inner.in_flight.lock().expect("lock").remove(&task.id);
+    }
+    .instrument(span)
+    .await;
+}
+
+fn retry_or_fail(
+    inner: &Inner,
+    task: &ClaimedTask,
+    message: String,
+    retry_after: Option<Duration>,
+) -> Finish {
+    if task.attempts >= task.max_attempts {
+        return Finish::Failed {
+            error: format!(
+                "{message} (gave up after {} of {} attempts)",
+                task.attempts, task.max_attempts
+            ),
+        };
+    }
+    let mut rng = queue_core::retry::Rng::new();
+    let delay = inner
+        .policy
+        .delay_with_hint(task.attempts as u32, retry_after, &mut rng);
+    Finish::Retry {
+        error: message,
+        run_at: chrono::Utc::now() + delay,
+    }
+}
+
+/// Writes the outcome (retrying briefly through a PostgreSQL blip), then
+/// tells Redis when the task should run again, if it should.
+async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
+    let write = || inner.store.finish(task.id, task.attempts, &finish);
+    let held = match write
+        .retry(io_backoff())
+        .when(queue_core::Error::is_unavailable)
+        .await
+    {
+        Ok(held) => held,
+        Err(e) => {
+            // The lease will lapse and the attempt be retried elsewhere.
+            tracing::error!(error = %e, "could not record the outcome");
+            return;
+        }
+    };
+    if !held {
+        tracing::warn!("outcome not recorded: this attempt no longer holds the task");
+        return;
+    }
+    let priority = Priority::from_band(task.priority).unwrap_or(Priority::Normal);
+    let dispatch = match &finish {
+        Finish::Retry { run_at, .. } => {
+            tracing::debug!(run_at = %run_at, "retry scheduled");
+            inner
+                .queue
+                .schedule(&task.model, task.id, priority, run_at.timestamp_millis())
+                .await
+        }
+        Finish::Released => {
+            inner
+                .queue
+                .push_ready(&[ReadyEntry {
+                    queue: &task.model,
+                    id: task.id,
+                    priority,
+                    order_ms: id_time_ms(task.id),
+                }])
+                .await
+        }
+        Finish::Succeeded { .. } | Finish::Failed { .. } => Ok(()),
+    };
+    if let Err(e) = dispatch {
+        tracing::warn!(error = %e, "could not dispatch the task again; the reconciler will");
+    }
+}
+
+/// The submission time carried in a v7 id, so a handed-back task keeps its
+/// place in line.
+fn id_time_ms(id: Uuid) -> i64 {
+    id.get_timestamp().map_or(0, |ts| {
+        let (secs, nanos) = ts.to_unix();
+        secs as i64 * 1000 + i64::from(nanos / 1_000_000)
+    })
+}
