@@ -14,6 +14,7 @@
 //! - [`retry`]: the retry policy, attempt -> delay, a pure function.
 //! - [`config`]: settings read once from flags and the environment.
 //! - [`error`]: the one error type of the core.
+//! - `testkit` (feature `testkit`): helpers the test suites share.
 //! - [`telemetry`], [`shutdown`]: log setup and stop signals shared by the
 //!   binaries.
 
@@ -26,6 +27,8 @@ pub mod shutdown;
 pub mod store;
 pub mod task;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use error::{Error, Result};
 pub use service::Service;

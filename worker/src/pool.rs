@@ -167,7 +167,9 @@ impl Fetcher {
         if !self.configured.is_empty() {
             return Ok(self.configured.clone());
         }
-        if self.known_at.is_none_or(|t| t.elapsed() > QUEUE_LIST_TTL) {
+        // An empty list is asked for again at once: the first task of a new
+        // model should not wait out the TTL.
+        if self.known.is_empty() || self.known_at.is_none_or(|t| t.elapsed() > QUEUE_LIST_TTL) {
             self.known = queue.queues().await?;
             self.known_at = Some(Instant::now());
         }

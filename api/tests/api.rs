@@ -1,0 +1,429 @@
+//! The HTTP API through its router (`oneshot`), against the real PostgreSQL
+//! and Redis: the shapes clients rely on, and every class of bad input
+//! refused with the field named and nothing written anywhere.
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use inferq_api::{AppState, app};
+use queue_core::Service;
+use queue_core::testkit;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tower::ServiceExt as _;
+
+const SMALL_LIMIT: usize = 256 * 1024;
+
+struct Api {
+    router: Router,
+    service: Service,
+}
+
+impl Api {
+    fn new(pool: PgPool, max_body: usize) -> Api {
+        let service = testkit::service(pool);
+        let router = app(
+            AppState {
+                service: service.clone(),
+            },
+            max_body,
+        );
+        Api { router, service }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    async fn post(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
+        self.send(
+            "POST",
+            uri,
+            Some("application/json"),
+            serde_json::to_vec(body).unwrap(),
+        )
+        .await
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.send("GET", uri, None, Vec::new()).await
+    }
+
+    async fn delete(&self, uri: &str) -> (StatusCode, Value) {
+        self.send("DELETE", uri, None, Vec::new()).await
+    }
+
+    /// Nothing in PostgreSQL, nothing under our Redis prefix.
+    async fn assert_nothing_written(&self, case: &str) {
+        let counts = self.service.counts().await.unwrap();
+        assert!(counts.is_empty(), "{case}: tasks were written: {counts:?}");
+        let keys = self.service.queue.keys().await.unwrap();
+        assert!(keys.is_empty(), "{case}: redis keys were written: {keys:?}");
+    }
+}
+
+fn error_of(body: &Value) -> (&str, Option<&str>) {
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error has a message: {body}"
+    );
+    (e["code"].as_str().unwrap_or(""), e["field"].as_str())
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn submit_answers_202_and_the_task_reads_back(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let (status, body) = api
+        .post(
+            "/tasks",
+            &json!({"model": "sim", "prompt": "hi", "priority": "high", "metadata": {"user": 7}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["id"].as_str().unwrap();
+    let parsed = uuid::Uuid::parse_str(id).unwrap();
+    assert_eq!(parsed.get_version_num(), 7, "ids are UUID v7");
+    assert_eq!(body["status"], "queued");
+    assert_eq!(body["priority"], "high");
+    assert_eq!(body["model"], "sim");
+    assert_eq!(body["links"]["self"], format!("/tasks/{id}"));
+    assert!(body["created_at"].is_string());
+
+    let (status, task) = api.get(&format!("/tasks/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    for key in [
+        "id",
+        "batch_id",
+        "model",
+        "priority",
+        "status",
+        "attempts",
+        "max_attempts",
+        "result",
+        "error",
+        "metadata",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "history",
+    ] {
+        assert!(
+            task.get(key).is_some(),
+            "GET /tasks/{{id}} lacks {key}: {task}"
+        );
+    }
+    assert_eq!(task["metadata"], json!({"user": 7}));
+    assert_eq!(task["max_attempts"], 5);
+    assert_eq!(task["attempts"], 0);
+    assert_eq!(task["history"], json!([]));
+    assert_eq!(api.service.queue.depth("sim").await.unwrap(), (1, 0));
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn ids_malformed_are_400_unknown_are_404(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    for uri in ["/tasks/not-a-uuid", "/batches/123"] {
+        let (status, body) = api.get(uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(error_of(&body), ("invalid_id", Some("id")));
+    }
+    let (status, _) = api.delete("/tasks/nope").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let unknown = uuid::Uuid::now_v7();
+    for uri in [format!("/tasks/{unknown}"), format!("/batches/{unknown}")] {
+        let (status, body) = api.get(&uri).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(error_of(&body).0, "not_found");
+    }
+    let (status, _) = api.delete(&format!("/tasks/{unknown}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn cancel_a_queued_task_then_conflict(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let (_, body) = api
+        .post("/tasks", &json!({"model": "sim", "prompt": "x"}))
+        .await;
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (status, task) = api.delete(&format!("/tasks/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    assert_eq!(task["status"], "cancelled");
+    assert!(task["finished_at"].is_string());
+    assert_eq!(
+        api.service.queue.depth("sim").await.unwrap(),
+        (0, 0),
+        "id left the ready set"
+    );
+    let (status, body) = api.delete(&format!("/tasks/{id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(error_of(&body).0, "not_cancellable");
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn batch_returns_ids_in_order_and_counts(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let tasks: Vec<Value> = (0..3)
+        .map(|i| json!({"model": "sim", "prompt": format!("p{i}"), "metadata": {"i": i}}))
+        .collect();
+    let (status, body) = api
+        .post("/batches", &json!({"tasks": tasks, "metadata": {"b": 1}}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["total"], 3);
+    let ids = body["task_ids"].as_array().unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let (_, t) = api.get(&format!("/tasks/{}", id.as_str().unwrap())).await;
+        assert_eq!(
+            t["metadata"],
+            json!({"i": i}),
+            "task_ids follow the order of tasks"
+        );
+        assert_eq!(t["batch_id"], body["id"]);
+    }
+    let (status, b) = api
+        .get(&format!("/batches/{}", body["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(b["status"], "in_progress");
+    assert_eq!(
+        b["counts"],
+        json!({"scheduled": 0, "queued": 3, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0})
+    );
+    assert!(b["completed_at"].is_null());
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn every_invalid_input_is_refused_naming_the_field(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let big_meta = "m".repeat(17 * 1024);
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        ("missing model", "/tasks", json!({"prompt": "x"}), "model"),
+        (
+            "model not a string",
+            "/tasks",
+            json!({"model": 7, "prompt": "x"}),
+            "model",
+        ),
+        (
+            "both prompt and messages",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}),
+            "prompt",
+        ),
+        (
+            "neither prompt nor messages",
+            "/tasks",
+            json!({"model": "sim"}),
+            "prompt",
+        ),
+        (
+            "prompt not a string",
+            "/tasks",
+            json!({"model": "sim", "prompt": ["x"]}),
+            "prompt",
+        ),
+        (
+            "messages not an array",
+            "/tasks",
+            json!({"model": "sim", "messages": "hi"}),
+            "messages",
+        ),
+        (
+            "message without content",
+            "/tasks",
+            json!({"model": "sim", "messages": [{"role": "user"}]}),
+            "messages[0].content",
+        ),
+        (
+            "params not an object",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "params": 3}),
+            "params",
+        ),
+        (
+            "unknown priority",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "priority": "urgent"}),
+            "priority",
+        ),
+        (
+            "priority wrong type",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "priority": 1}),
+            "priority",
+        ),
+        (
+            "max_attempts 0",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "max_attempts": 0}),
+            "max_attempts",
+        ),
+        (
+            "max_attempts 21",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "max_attempts": 21}),
+            "max_attempts",
+        ),
+        (
+            "max_attempts a string",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "max_attempts": "3"}),
+            "max_attempts",
+        ),
+        (
+            "metadata not an object",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "metadata": [1]}),
+            "metadata",
+        ),
+        (
+            "oversize metadata",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "metadata": {"k": big_meta}}),
+            "metadata",
+        ),
+        (
+            "unknown field",
+            "/tasks",
+            json!({"model": "sim", "prompt": "x", "priorty": "high"}),
+            "priorty",
+        ),
+        ("body not an object", "/tasks", json!(["model"]), "body"),
+        ("empty batch", "/batches", json!({"tasks": []}), "tasks"),
+        (
+            "batch without tasks",
+            "/batches",
+            json!({"metadata": {}}),
+            "tasks",
+        ),
+        (
+            "batch tasks not an array",
+            "/batches",
+            json!({"tasks": {}}),
+            "tasks",
+        ),
+        (
+            "one bad task spoils the batch",
+            "/batches",
+            json!({"tasks": [{"model": "sim", "prompt": "ok"}, {"model": "sim", "prompt": "ok", "max_attempts": 99}]}),
+            "tasks[1].max_attempts",
+        ),
+        (
+            "unknown batch field",
+            "/batches",
+            json!({"tasks": [{"model": "sim", "prompt": "x"}], "priority": "high"}),
+            "priority",
+        ),
+    ];
+    for (case, uri, body, field) in cases {
+        let (status, resp) = api.post(uri, &body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{case}: {resp}");
+        assert_eq!(error_of(&resp), ("invalid_field", Some(field)), "{case}");
+        api.assert_nothing_written(case).await;
+    }
+
+    let (status, resp) = api
+        .send(
+            "POST",
+            "/tasks",
+            Some("application/json"),
+            b"{\"model\": \"sim\",".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "non-JSON: {resp}");
+    assert_eq!(error_of(&resp).0, "malformed_json");
+
+    let body = serde_json::to_vec(&json!({"model": "sim", "prompt": "x"})).unwrap();
+    for ct in [Some("text/plain"), None] {
+        let (status, resp) = api.send("POST", "/tasks", ct, body.clone()).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}: {resp}");
+        assert_eq!(error_of(&resp).0, "unsupported_media_type");
+    }
+
+    let huge = json!({"model": "sim", "prompt": "x".repeat(SMALL_LIMIT + 1)});
+    let (status, resp) = api.post("/tasks", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
+    assert_eq!(error_of(&resp).0, "body_too_large");
+    api.assert_nothing_written("non-JSON, content type, body size")
+        .await;
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_batch_over_100k_is_refused(pool: PgPool) {
+    let api = Api::new(pool, 64 * 1024 * 1024);
+    let task = json!({"model": "sim", "prompt": "x"});
+    let tasks = vec![task; 100_001];
+    let (status, resp) = api.post("/batches", &json!({"tasks": tasks})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");
+    assert_eq!(error_of(&resp), ("invalid_field", Some("tasks")));
+    api.assert_nothing_written("oversize batch").await;
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn postgres_down_is_503_and_nothing_is_dispatched(pool: PgPool) {
+    // A pool whose server never answers: the API must refuse, not accept.
+    let dead = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_millis(500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+        .unwrap();
+    let live = testkit::service(pool);
+    let service = Service::new(queue_core::store::Store::new(dead), live.queue.clone());
+    let api = Api {
+        router: app(
+            AppState {
+                service: service.clone(),
+            },
+            SMALL_LIMIT,
+        ),
+        service: live,
+    };
+    let (status, resp) = api
+        .post("/tasks", &json!({"model": "sim", "prompt": "x"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{resp}");
+    assert_eq!(error_of(&resp).0, "unavailable");
+    let (status, resp) = api.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp["postgres"], "unavailable");
+    assert_eq!(resp["redis"], "ok");
+    let (status, _) = api.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    api.assert_nothing_written("postgres down").await;
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn ready_when_both_stores_answer(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let (status, body) = api.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"status": "ok", "postgres": "ok", "redis": "ok"})
+    );
+}

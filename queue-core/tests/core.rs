@@ -1,0 +1,181 @@
+//! The core against the real PostgreSQL and Redis: dispatch order, retry
+//! promotion, the claim that makes duplicates harmless, and the fence.
+
+use std::time::Duration;
+
+use queue_core::queue::ReadyEntry;
+use queue_core::store::Finish;
+use queue_core::task::{NewBatch, NewTask, Priority, TaskStatus};
+use queue_core::testkit;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+fn task(priority: &str) -> NewTask {
+    NewTask::from_json(
+        &json!({"model": "m", "prompt": "p", "priority": priority}),
+        "",
+    )
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn ready_set_pops_by_priority_then_fifo(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let mut expected = Vec::new();
+    let mut ids = std::collections::HashMap::new();
+    for p in ["low", "normal", "high"] {
+        for _ in 0..5 {
+            let id = svc.submit(&task(p)).await.unwrap().ids[0];
+            ids.insert(id, p);
+            expected.push((p, id));
+        }
+    }
+    let mut popped = Vec::new();
+    loop {
+        let got = svc.queue.pop("m", 4, 0).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        popped.extend(got.into_iter().map(|p| p.id));
+    }
+    let want: Vec<Uuid> = ["high", "normal", "low"]
+        .iter()
+        .flat_map(|p| {
+            expected
+                .iter()
+                .filter(move |(q, _)| q == p)
+                .map(|(_, id)| *id)
+        })
+        .collect();
+    assert_eq!(popped, want);
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn scheduled_ids_wait_for_their_time(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = Uuid::now_v7();
+    svc.queue
+        .schedule("m", id, Priority::High, 10_000)
+        .await
+        .unwrap();
+    assert!(svc.queue.pop("m", 10, 9_999).await.unwrap().is_empty());
+    assert_eq!(svc.queue.depth("m").await.unwrap(), (0, 1));
+    let got = svc.queue.pop("m", 10, 10_000).await.unwrap();
+    assert_eq!(got.iter().map(|p| p.id).collect::<Vec<_>>(), vec![id]);
+    assert_eq!(svc.queue.depth("m").await.unwrap(), (0, 0));
+
+    // A promoted retry goes behind ready work of its band submitted earlier.
+    let early = Uuid::now_v7();
+    svc.queue
+        .push_ready(&[ReadyEntry {
+            queue: "m",
+            id: early,
+            priority: Priority::Normal,
+            order_ms: 5_000,
+        }])
+        .await
+        .unwrap();
+    svc.queue
+        .schedule("m", id, Priority::Normal, 6_000)
+        .await
+        .unwrap();
+    let got = svc.queue.pop("m", 10, 7_000).await.unwrap();
+    assert_eq!(
+        got.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![early, id]
+    );
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_duplicate_id_is_claimed_once(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = svc.submit(&task("normal")).await.unwrap().ids[0];
+    let lease = Duration::from_secs(30);
+    let (twice, once) = ([id, id], [id]);
+    let (a, b) = tokio::join!(
+        svc.store.claim(&twice, lease),
+        svc.store.claim(&once, lease)
+    );
+    let wins = a.unwrap().len() + b.unwrap().len();
+    assert_eq!(wins, 1, "exactly one claim may win");
+    let (t, history) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Running);
+    assert_eq!(t.attempts, 1);
+    assert_eq!(history.len(), 1);
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_stale_attempt_cannot_overwrite(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = svc.submit(&task("normal")).await.unwrap().ids[0];
+    let claimed = svc
+        .store
+        .claim(&[id], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].attempts, 1);
+    let stale = Finish::Succeeded {
+        result: json!({"text": "late"}),
+    };
+    assert!(
+        !svc.store.finish(id, 2, &stale).await.unwrap(),
+        "wrong attempt"
+    );
+    let ok = Finish::Succeeded {
+        result: json!({"text": "mine"}),
+    };
+    assert!(svc.store.finish(id, 1, &ok).await.unwrap());
+    assert!(
+        !svc.store.finish(id, 1, &ok).await.unwrap(),
+        "finished twice"
+    );
+    let (t, history) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    assert_eq!(t.result, Some(json!({"text": "mine"})));
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].outcome.as_deref(), Some("succeeded"));
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn release_does_not_charge_an_attempt(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = svc.submit(&task("normal")).await.unwrap().ids[0];
+    svc.store
+        .claim(&[id], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(svc.store.finish(id, 1, &Finish::Released).await.unwrap());
+    let (t, history) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (TaskStatus::Queued, 0));
+    assert_eq!(history[0].outcome.as_deref(), Some("released"));
+    let again = svc
+        .store
+        .claim(&[id], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(again[0].attempts, 1);
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_batch_is_committed_whole_and_counted(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let tasks: Vec<_> = (0..12_000).map(|_| task("low")).collect();
+    let batch = NewBatch {
+        tasks,
+        metadata: Some(json!({"run": 1})),
+    };
+    let (batch_id, accepted) = svc.submit_batch(&batch).await.unwrap();
+    assert_eq!(accepted.ids.len(), 12_000);
+    let b = svc.batch(batch_id).await.unwrap().unwrap();
+    assert_eq!(b.total, 12_000);
+    assert_eq!(b.count(TaskStatus::Queued), 12_000);
+    assert!(!b.is_complete());
+    assert_eq!(svc.queue.depth("m").await.unwrap(), (12_000, 0));
+    svc.queue.purge().await.unwrap();
+}

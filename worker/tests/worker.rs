@@ -1,0 +1,362 @@
+//! The worker pool against the real PostgreSQL and Redis, with the sim
+//! backend: dispatch order, retries and their delays, dead letters,
+//! cancellation, a large batch, and graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use inferq_worker::Worker;
+use inferq_worker::backend::sim::{SimBackend, expected_text};
+use queue_core::Service;
+use queue_core::config::WorkerConfig;
+use queue_core::task::{NewBatch, NewTask, TaskRecord, TaskStatus};
+use queue_core::testkit::{self, wait_for};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+struct RunningWorker {
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl RunningWorker {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops")
+            .unwrap();
+    }
+}
+
+fn start(svc: &Service, config: WorkerConfig) -> RunningWorker {
+    let worker = Worker::new(
+        svc.store.clone(),
+        svc.queue.clone(),
+        Arc::new(SimBackend),
+        config,
+    );
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let handle = tokio::spawn(async move { worker.run(token).await });
+    RunningWorker { stop, handle }
+}
+
+fn fast_retries() -> WorkerConfig {
+    WorkerConfig {
+        poll_ms: 5,
+        retry_initial_ms: 300,
+        retry_multiplier: 2.0,
+        retry_max_ms: 10_000,
+        retry_jitter: 0.5,
+        ..WorkerConfig::default()
+    }
+}
+
+fn task(body: Value) -> NewTask {
+    NewTask::from_json(&body, "").unwrap()
+}
+
+async fn submit(svc: &Service, body: Value) -> Uuid {
+    svc.submit(&task(body)).await.unwrap().ids[0]
+}
+
+async fn wait_terminal(
+    svc: &Service,
+    id: Uuid,
+) -> (TaskRecord, Vec<queue_core::task::AttemptRecord>) {
+    wait_for("task to finish", Duration::from_secs(30), || async {
+        let (t, h) = svc.task(id).await.unwrap().unwrap();
+        t.status.is_terminal().then_some((t, h))
+    })
+    .await
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn strict_priority_then_fifo_with_one_slot(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let mut submitted = Vec::new();
+    for priority in ["low", "normal", "high"] {
+        for i in 0..30 {
+            let id = submit(
+                &svc,
+                json!({"model": "sim", "prompt": format!("{priority} {i}"), "priority": priority}),
+            )
+            .await;
+            submitted.push((priority, id));
+        }
+    }
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            concurrency: 1,
+            poll_ms: 5,
+            ..WorkerConfig::default()
+        },
+    );
+    let mut done: Vec<(DateTime<Utc>, Uuid)> = Vec::new();
+    for (_, id) in &submitted {
+        let (t, _) = wait_terminal(&svc, *id).await;
+        assert_eq!(t.status, TaskStatus::Succeeded);
+        done.push((t.started_at.unwrap(), *id));
+    }
+    worker.stop().await;
+    done.sort();
+    let ran: Vec<Uuid> = done.into_iter().map(|(_, id)| id).collect();
+    let want: Vec<Uuid> = ["high", "normal", "low"]
+        .iter()
+        .flat_map(|p| {
+            submitted
+                .iter()
+                .filter(move |(q, _)| q == p)
+                .map(|(_, id)| *id)
+        })
+        .collect();
+    assert_eq!(
+        ran, want,
+        "all high first, then normal, then low; FIFO within each"
+    );
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn retries_succeed_on_the_third_attempt_within_backoff_bounds(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let config = fast_retries();
+    let policy = config.retry_policy();
+    let worker = start(&svc, config);
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "third time lucky", "params": {"sim": {"fail_attempts": 2}}}),
+    )
+    .await;
+    let (t, history) = wait_terminal(&svc, id).await;
+    worker.stop().await;
+
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    assert_eq!(t.attempts, 3);
+    assert_eq!(
+        t.result.as_ref().unwrap()["text"],
+        expected_text("third time lucky", None).0
+    );
+    assert_eq!(history.len(), 3);
+    let errors: Vec<_> = history.iter().filter_map(|h| h.error.as_deref()).collect();
+    assert_eq!(
+        errors,
+        vec![
+            "sim: injected failure on attempt 1",
+            "sim: injected failure on attempt 2"
+        ]
+    );
+    assert_eq!(history[2].outcome.as_deref(), Some("succeeded"));
+    for n in 1..=2u32 {
+        let (lo, hi) = policy.bounds(n);
+        let failed_at = history[n as usize - 1].finished_at.unwrap();
+        let next = history[n as usize].started_at;
+        let gap = (next - failed_at).to_std().unwrap();
+        // Slack: the run-at is computed a moment before the failure is
+        // committed, and the pop loop sleeps up to poll_ms when idle.
+        assert!(
+            gap + Duration::from_millis(20) >= lo && gap <= hi + Duration::from_millis(400),
+            "gap after attempt {n} was {gap:?}, outside [{lo:?}, {hi:?}]"
+        );
+    }
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn attempts_used_up_is_a_dead_letter_after_exactly_max_attempts(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            retry_initial_ms: 20,
+            ..fast_retries()
+        },
+    );
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "x", "max_attempts": 3, "params": {"sim": {"fail_attempts": 10}}}),
+    )
+    .await;
+    let (t, history) = wait_terminal(&svc, id).await;
+    // Give a wrongly scheduled fourth attempt the time to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (t2, history2) = svc.task(id).await.unwrap().unwrap();
+    worker.stop().await;
+
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(t.attempts, 3);
+    assert_eq!(
+        (t2.status, t2.attempts, history2.len()),
+        (TaskStatus::Failed, 3, 3)
+    );
+    assert_eq!(history.len(), 3);
+    assert!(history.iter().all(|h| h.error.is_some()));
+    assert_eq!(history[2].outcome.as_deref(), Some("failed"));
+    assert!(t.error.unwrap().contains("gave up after 3 of 3 attempts"));
+    assert!(t.result.is_none());
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_permanent_error_fails_after_one_attempt(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let worker = start(&svc, fast_retries());
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "x", "params": {"sim": {"fail_permanent": true}}}),
+    )
+    .await;
+    let (t, history) = wait_terminal(&svc, id).await;
+    worker.stop().await;
+    assert_eq!((t.status, t.attempts), (TaskStatus::Failed, 1));
+    assert_eq!(t.error.as_deref(), Some("sim: injected permanent failure"));
+    assert_eq!(history.len(), 1);
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_cancelled_queued_task_never_runs(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let cancelled = submit(&svc, json!({"model": "sim", "prompt": "never"})).await;
+    let after = submit(&svc, json!({"model": "sim", "prompt": "after"})).await;
+    assert!(matches!(
+        svc.cancel(cancelled).await.unwrap(),
+        queue_core::store::CancelOutcome::Cancelled(_)
+    ));
+    // Even if its id were still in Redis, the claim must skip it.
+    svc.queue
+        .push_ready(&[queue_core::queue::ReadyEntry {
+            queue: "sim",
+            id: cancelled,
+            priority: queue_core::task::Priority::High,
+            order_ms: 0,
+        }])
+        .await
+        .unwrap();
+    let worker = start(&svc, fast_retries());
+    let (t, _) = wait_terminal(&svc, after).await;
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    worker.stop().await;
+    let (c, history) = svc.task(cancelled).await.unwrap().unwrap();
+    assert_eq!((c.status, c.attempts), (TaskStatus::Cancelled, 0));
+    assert!(c.started_at.is_none() && c.result.is_none() && history.is_empty());
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_10k_batch_completes_with_correct_counts(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let tasks: Vec<NewTask> = (0..10_000)
+        .map(|i| task(json!({"model": "sim", "prompt": format!("item {i}")})))
+        .collect();
+    let (batch_id, accepted) = svc
+        .submit_batch(&NewBatch {
+            tasks,
+            metadata: None,
+        })
+        .await
+        .unwrap();
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            concurrency: 64,
+            ..fast_retries()
+        },
+    );
+    let batch = wait_for("batch to complete", Duration::from_secs(120), || async {
+        let b = svc.batch(batch_id).await.unwrap().unwrap();
+        b.is_complete().then_some(b)
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(batch.total, 10_000);
+    assert_eq!(batch.count(TaskStatus::Succeeded), 10_000);
+    for s in [
+        TaskStatus::Failed,
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Scheduled,
+    ] {
+        assert_eq!(batch.count(s), 0, "{s}");
+    }
+    assert!(batch.completed_at.is_some());
+    for i in [0, 4_999, 9_999] {
+        let (t, h) = svc.task(accepted.ids[i]).await.unwrap().unwrap();
+        assert_eq!(t.result.unwrap()["text"], format!("sim: item {i}"));
+        assert_eq!(h.len(), 1, "ran once");
+    }
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn shutdown_finishes_in_flight_work_within_the_grace_period(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "slow", "params": {"sim": {"latency_ms": 500}}}),
+    )
+    .await;
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            shutdown_grace_secs: 10,
+            ..fast_retries()
+        },
+    );
+    wait_for("task to start", Duration::from_secs(10), || async {
+        let (t, _) = svc.task(id).await.unwrap().unwrap();
+        (t.status == TaskStatus::Running).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let (t, _) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(
+        t.status,
+        TaskStatus::Succeeded,
+        "in-flight work finished before exit"
+    );
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn shutdown_past_the_grace_period_hands_work_back_uncharged(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "very slow", "params": {"sim": {"latency_ms": 600000}}}),
+    )
+    .await;
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            shutdown_grace_secs: 0,
+            ..fast_retries()
+        },
+    );
+    wait_for("task to start", Duration::from_secs(10), || async {
+        let (t, _) = svc.task(id).await.unwrap().unwrap();
+        (t.status == TaskStatus::Running).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let (t, history) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(
+        (t.status, t.attempts),
+        (TaskStatus::Queued, 0),
+        "released, not charged"
+    );
+    assert_eq!(history[0].outcome.as_deref(), Some("released"));
+    assert_eq!(
+        svc.queue.depth("sim").await.unwrap(),
+        (1, 0),
+        "back in the ready set"
+    );
+    svc.queue.purge().await.unwrap();
+}
