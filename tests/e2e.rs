@@ -1,1 +1,175 @@
+//! End to end: the real binaries, over HTTP only.
 
+use std::time::Duration;
+
+use inferq_e2e::{Env, is_terminal, terminate};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn submit_batch_poll_and_cancel_through_the_real_binaries() {
+    let env = Env::new("path");
+    let api = env.api(&[]).await;
+    let workers = [
+        env.worker("worker-1.log", &[("INFERQ_RETRY_INITIAL_MS", "100".into())]),
+        env.worker("worker-2.log", &[("INFERQ_RETRY_INITIAL_MS", "100".into())]),
+    ];
+
+    let (status, single) = api
+        .post(
+            "/tasks",
+            &json!({"model": "sim", "prompt": "hello over http", "priority": "high"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{single}");
+    let (status, chat) = api
+        .post(
+            "/tasks",
+            &json!({"model": "sim", "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "what is two plus two"}
+            ], "params": {"max_tokens": 3, "sim": {"fail_attempts": 1}}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{chat}");
+
+    let tasks: Vec<Value> = (0..300)
+        .map(|i| json!({"model": "sim", "prompt": format!("batch item {i}"), "priority": "low"}))
+        .collect();
+    let (status, batch) = api.post("/batches", &json!({"tasks": tasks})).await;
+    assert_eq!(status, 202, "{batch}");
+    assert_eq!(batch["task_ids"].as_array().unwrap().len(), 300);
+
+    let id = single["id"].as_str().unwrap();
+    let done = api
+        .poll_until(
+            &format!("/tasks/{id}"),
+            Duration::from_secs(30),
+            is_terminal,
+        )
+        .await;
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["result"]["text"], "sim: hello over http");
+    assert_eq!(done["result"]["usage"]["prompt_tokens"], 3);
+
+    let id = chat["id"].as_str().unwrap();
+    let done = api
+        .poll_until(
+            &format!("/tasks/{id}"),
+            Duration::from_secs(30),
+            is_terminal,
+        )
+        .await;
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["attempts"], 2);
+    assert_eq!(done["result"]["text"], "sim: what is two");
+    assert_eq!(done["result"]["finish_reason"], "length");
+    assert_eq!(done["history"][0]["outcome"], "retry");
+
+    let path = format!("/batches/{}", batch["id"].as_str().unwrap());
+    let b = api
+        .poll_until(&path, Duration::from_secs(60), |b| {
+            b["status"] == "completed"
+        })
+        .await;
+    assert_eq!(b["counts"]["succeeded"], 300, "{b}");
+    assert!(b["completed_at"].is_string());
+    let last = batch["task_ids"][299].as_str().unwrap();
+    let (_, t) = api.get(&format!("/tasks/{last}")).await;
+    assert_eq!(t["result"]["text"], "sim: batch item 299");
+
+    // A finished task cannot be cancelled.
+    let (status, _) = api.delete(&format!("/tasks/{last}")).await;
+    assert_eq!(status, 409);
+
+    // A task waiting out a long backoff can: it never runs again.
+    let (_, slow) = api
+        .post(
+            "/tasks",
+            &json!({"model": "sim", "prompt": "x", "params": {"sim": {"fail_attempts": 1}}}),
+        )
+        .await;
+    let id = slow["id"].as_str().unwrap();
+    // The workers retry after ~100 ms; cancel once it is scheduled or
+    // accept that it may already have finished (then 409).
+    let t = api
+        .poll_until(&format!("/tasks/{id}"), Duration::from_secs(10), |t| {
+            t["status"] == "scheduled" || is_terminal(t)
+        })
+        .await;
+    if t["status"] == "scheduled" {
+        let (status, c) = api.delete(&format!("/tasks/{id}")).await;
+        if status == 200 {
+            assert_eq!(c["status"], "cancelled");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (_, after) = api.get(&format!("/tasks/{id}")).await;
+            assert_eq!(after["status"], "cancelled");
+            assert_eq!(after["attempts"], 1, "it never ran again");
+        }
+    }
+
+    let (status, ready) = api.get("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ok")));
+    for w in &workers {
+        terminate(w).await;
+    }
+    for mut w in workers {
+        let code = tokio::time::timeout(Duration::from_secs(30), w.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(code.success(), "worker exits cleanly on SIGTERM");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_work_finish() {
+    let env = Env::new("sigterm");
+    let api = env.api(&[]).await;
+    let worker = env.worker("worker.log", &[("INFERQ_SHUTDOWN_GRACE_SECS", "20".into())]);
+    let (_, t) = api
+        .post(
+            "/tasks",
+            &json!({"model": "sim", "prompt": "slow", "params": {"sim": {"latency_ms": 1500}}}),
+        )
+        .await;
+    let id = t["id"].as_str().unwrap();
+    api.poll_until(&format!("/tasks/{id}"), Duration::from_secs(20), |t| {
+        t["status"] == "running"
+    })
+    .await;
+    terminate(&worker).await;
+    let mut worker = worker;
+    let code = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(code.success());
+    let (_, t) = api.get(&format!("/tasks/{id}")).await;
+    assert_eq!(t["status"], "succeeded", "{}", env.log("worker.log"));
+    assert_eq!(t["attempts"], 1);
+}
+
+#[tokio::test]
+async fn migrate_command_applies_the_schema_and_exits() {
+    let env = Env::new("migrate");
+    let out = tokio::process::Command::new(inferq_e2e::binary("inferq-api"))
+        .arg("migrate")
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", &env.redis_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second run finds nothing to do and still succeeds.
+    let again = tokio::process::Command::new(inferq_e2e::binary("inferq-api"))
+        .arg("migrate")
+        .env("DATABASE_URL", &env.database_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(again.status.success());
+}

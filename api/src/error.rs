@@ -24,7 +24,7 @@ pub enum ApiError {
     BadId { field: &'static str },
     #[error("{what} not found")]
     NotFound { what: &'static str },
-    #[error("task is {status}; only scheduled or queued tasks can be cancelled")]
+    #[error("task is already {status}; only unfinished tasks can be cancelled")]
     NotCancellable { status: TaskStatus },
     #[error("request body is larger than the limit")]
     TooLarge,

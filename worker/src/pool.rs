@@ -30,6 +30,9 @@ use crate::backend::{Backend, BackendError, InferenceRequest};
 /// How long the list of queues (for a worker serving all of them) is reused
 /// before asking Redis again.
 const QUEUE_LIST_TTL: Duration = Duration::from_secs(1);
+/// How often in-flight tasks are checked for a cancel: a cancel stops the
+/// backend call within about this long.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
 /// Longest sleep between fetches while the stores are failing.
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -243,11 +246,14 @@ async fn put_back(queue: &Queue, name: &str, popped: &[Popped]) {
     }
 }
 
-/// Renews the leases of every attempt in flight, every third of a lease,
-/// and stops attempts that lost their task.
+/// Keeps the in-flight attempts honest: renews their leases every third of
+/// a lease, and in between asks twice a second whether any was cancelled.
+/// Either way, an attempt that no longer holds its task is stopped.
 async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
     let lease = lease(&inner.config);
-    let mut tick = tokio::time::interval(lease / 3);
+    let renew_every = lease / 3;
+    let mut renewed = Instant::now();
+    let mut tick = tokio::time::interval(CANCEL_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -261,22 +267,39 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
             .iter()
             .map(|(id, f)| (*id, f.attempt))
             .collect();
-        match inner.store.renew_leases(&held, lease).await {
-            Ok(kept) => {
-                let lost: Vec<Uuid> = held
-                    .iter()
-                    .map(|(id, _)| *id)
-                    .filter(|id| !kept.contains(id))
-                    .collect();
-                let map = inner.in_flight.lock().expect("lock");
-                for id in lost {
-                    if let Some(f) = map.get(&id) {
-                        tracing::info!(task_id = %id, "task no longer held by this attempt; stopping it");
-                        f.stop.cancel();
-                    }
+        if held.is_empty() {
+            continue;
+        }
+        let lost: Vec<Uuid> = if renewed.elapsed() >= renew_every {
+            match inner.store.renew_leases(&held, lease).await {
+                Ok(kept) => {
+                    renewed = Instant::now();
+                    held.iter()
+                        .map(|(id, _)| *id)
+                        .filter(|id| !kept.contains(id))
+                        .collect()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, tasks = held.len(), "lease renewal failed");
+                    continue;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, tasks = held.len(), "lease renewal failed"),
+        } else {
+            let ids: Vec<Uuid> = held.iter().map(|(id, _)| *id).collect();
+            match inner.store.cancelled_among(&ids).await {
+                Ok(cancelled) => cancelled,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cancel check failed");
+                    continue;
+                }
+            }
+        };
+        let map = inner.in_flight.lock().expect("lock");
+        for id in lost {
+            if let Some(f) = map.get(&id) {
+                tracing::info!(task_id = %id, "task cancelled or taken over; stopping its attempt");
+                f.stop.cancel();
+            }
         }
     }
 }

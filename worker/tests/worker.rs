@@ -360,3 +360,45 @@ async fn shutdown_past_the_grace_period_hands_work_back_uncharged(pool: PgPool) 
     );
     svc.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn cancelling_a_running_task_stops_it_within_a_second(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "long", "params": {"sim": {"latency_ms": 5000}}}),
+    )
+    .await;
+    let next = submit(&svc, json!({"model": "sim", "prompt": "next"})).await;
+    // One slot: `next` can only start once the cancelled call has stopped.
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            concurrency: 1,
+            ..fast_retries()
+        },
+    );
+    wait_for("task to start", Duration::from_secs(10), || async {
+        let (t, _) = svc.task(id).await.unwrap().unwrap();
+        (t.status == TaskStatus::Running).then_some(())
+    })
+    .await;
+    let cancelled_at = Utc::now();
+    assert!(matches!(
+        svc.cancel(id).await.unwrap(),
+        queue_core::store::CancelOutcome::Cancelled(_)
+    ));
+    let (n, _) = wait_terminal(&svc, next).await;
+    let freed_after = (n.started_at.unwrap() - cancelled_at).to_std().unwrap();
+    assert!(
+        freed_after < Duration::from_millis(1200),
+        "the backend call stopped {freed_after:?} after the cancel"
+    );
+    worker.stop().await;
+    let (t, history) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Cancelled);
+    assert!(t.result.is_none(), "no result is recorded after the cancel");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].outcome.as_deref(), Some("cancelled"));
+    svc.queue.purge().await.unwrap();
+}

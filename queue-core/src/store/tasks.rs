@@ -251,12 +251,20 @@ impl Store {
         .await?)
     }
 
-    /// Cancels a task that has not started (`queued` or `scheduled`).
+    /// Cancels a task that has not finished. A running attempt is closed as
+    /// `cancelled` here; its worker notices (see [`Store::cancelled_among`]),
+    /// stops the backend call, and its late result is refused by the fence.
     pub async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
         let sql = format!(
-            "UPDATE tasks SET status = 'cancelled', finished_at = now(), run_at = NULL
-              WHERE id = $1 AND status IN ('queued', 'scheduled')
-          RETURNING {TASK_COLUMNS}"
+            "WITH t AS (
+                UPDATE tasks SET status = 'cancelled', finished_at = now(), run_at = NULL, lease_until = NULL
+                 WHERE id = $1 AND status IN ('queued', 'scheduled', 'running')
+             RETURNING {TASK_COLUMNS}
+             ), h AS (
+                UPDATE task_attempts a SET finished_at = now(), outcome = 'cancelled'
+                  FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+             )
+             SELECT * FROM t"
         );
         let cancelled = sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
             .bind(id)
@@ -269,6 +277,21 @@ impl Store {
             None => CancelOutcome::NotFound,
             Some(t) => CancelOutcome::Conflict(t.status),
         })
+    }
+
+    /// Which of `ids` have been cancelled. Workers ask this about their
+    /// in-flight tasks twice a second: a read of a few primary keys, cheap
+    /// next to renewing leases that often.
+    pub async fn cancelled_among(&self, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(
+            sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1) AND status = 'cancelled'")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn task(&self, id: Uuid) -> Result<Option<TaskRecord>> {
