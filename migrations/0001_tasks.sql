@@ -32,9 +32,22 @@ CREATE TABLE tasks (
 );
 
 CREATE INDEX tasks_batch ON tasks (batch_id, status) WHERE batch_id IS NOT NULL;
--- Unfinished tasks only: the reaper and reconciler scan these, and the index
--- stays small however many finished tasks are kept.
-CREATE INDEX tasks_open ON tasks (status, id) WHERE status IN ('scheduled', 'queued', 'running');
+-- Partial indexes over unfinished tasks only, so they stay small however
+-- many finished tasks are kept. The reconciler walks waiting tasks by id;
+-- the reaper looks for running tasks whose lease ran out.
+CREATE INDEX tasks_waiting ON tasks (id) WHERE status IN ('scheduled', 'queued');
+CREATE INDEX tasks_leases ON tasks (lease_until) WHERE status = 'running';
+
+-- Idempotency-Key of a submission: the same key again returns what the first
+-- request created. Kept at least 24 hours (the sweeper deletes older ones).
+CREATE TABLE idempotency_keys (
+    key          text PRIMARY KEY,
+    body_sha256  bytea NOT NULL,   -- of the canonical JSON of the request body
+    task_id      uuid,             -- POST /tasks
+    batch_id     uuid,             -- POST /batches
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at);
 
 -- One row per attempt: the history `GET /tasks/{id}` shows.
 CREATE TABLE task_attempts (

@@ -26,6 +26,8 @@ pub enum ApiError {
     NotFound { what: &'static str },
     #[error("task is already {status}; only unfinished tasks can be cancelled")]
     NotCancellable { status: TaskStatus },
+    #[error("this Idempotency-Key was used with a different request body")]
+    IdempotencyKeyReused,
     #[error("request body is larger than the limit")]
     TooLarge,
     #[error("expected a request with `Content-Type: application/json`")]
@@ -60,6 +62,11 @@ impl IntoResponse for ApiError {
             ),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable", None),
+            ApiError::IdempotencyKeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                Some("Idempotency-Key".to_owned()),
+            ),
             ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
             ApiError::UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use inferq_api::{AppState, app};
 use queue_core::Service;
-use queue_core::testkit;
+use queue_core::testkit::{self, WithRedis as _};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower::ServiceExt as _;
@@ -54,6 +54,25 @@ impl Api {
             .unwrap();
         let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, value)
+    }
+
+    async fn post_with_key(&self, uri: &str, key: &str, body: &[u8]) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key)
+            .body(Body::from(body.to_vec()))
+            .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn post(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
@@ -425,5 +444,122 @@ async fn ready_when_both_stores_answer(pool: PgPool) {
     assert_eq!(
         body,
         json!({"status": "ok", "postgres": "ok", "redis": "ok"})
+    );
+}
+
+async fn task_count(api: &Api) -> i64 {
+    api.service
+        .counts()
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn idempotency_key_replays_the_same_body_and_refuses_another(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let first = br#"{"model":"sim","prompt":"once","params":{"a":1,"b":2}}"#;
+    // The same JSON value: other key order, other whitespace.
+    let same = b"{ \"params\": {\"b\": 2, \"a\": 1},\n  \"prompt\": \"once\", \"model\": \"sim\" }";
+    let (status, a) = api.post_with_key("/tasks", "order-1", first).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{a}");
+    let (status, b) = api.post_with_key("/tasks", "order-1", same).await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(task_count(&api).await, 1);
+
+    let other = br#"{"model":"sim","prompt":"twice"}"#;
+    let (status, c) = api.post_with_key("/tasks", "order-1", other).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{c}");
+    assert_eq!(
+        error_of(&c),
+        ("idempotency_key_reused", Some("Idempotency-Key"))
+    );
+    assert_eq!(
+        task_count(&api).await,
+        1,
+        "nothing written for a reused key"
+    );
+    assert_eq!(api.service.queue.depth("sim").await.unwrap(), (1, 0));
+
+    let (status, bad) = api.post_with_key("/tasks", "", first).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error_of(&bad).1, Some("Idempotency-Key"));
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn concurrent_duplicates_make_one_task(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let body = br#"{"model":"sim","prompt":"racing"}"#;
+    let results =
+        futures::future::join_all((0..16).map(|_| api.post_with_key("/tasks", "race", body))).await;
+    let created = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+        .count();
+    let replayed = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    assert_eq!((created, replayed), (1, 15), "{results:?}");
+    let ids: std::collections::HashSet<_> = results.iter().map(|(_, b)| b["id"].clone()).collect();
+    assert_eq!(ids.len(), 1, "every answer names the one task");
+    assert_eq!(task_count(&api).await, 1);
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn idempotent_batches_replay_ids_in_order(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let body = serde_json::to_vec(&json!({"tasks": [
+        {"model": "sim", "prompt": "a"}, {"model": "sim", "prompt": "b"}, {"model": "sim", "prompt": "c"}
+    ]}))
+    .unwrap();
+    let (status, first) = api
+        .post_with_key("/batches", "nightly-2026-12-01", &body)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let (status, again) = api
+        .post_with_key("/batches", "nightly-2026-12-01", &body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(first["task_ids"], again["task_ids"]);
+    assert_eq!(task_count(&api).await, 3);
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn redis_down_still_accepts_committed_tasks(pool: PgPool) {
+    // Chosen behaviour: PostgreSQL is the truth, so a task it committed is
+    // accepted; the reconciler dispatches it once Redis is back.
+    let live = testkit::service(pool.clone());
+    let dead_redis = queue_core::queue::Queue::connect(
+        &testkit::store_config("unused", live.queue.prefix()).with_redis("redis://127.0.0.1:1"),
+    )
+    .unwrap();
+    let service = Service::new(live.store.clone(), dead_redis);
+    let api = Api {
+        router: app(AppState { service }, SMALL_LIMIT),
+        service: live,
+    };
+    let (status, body) = api
+        .post("/tasks", &json!({"model": "sim", "prompt": "x"}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, ready) = api.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["redis"], "unavailable");
+    let id = uuid::Uuid::parse_str(body["id"].as_str().unwrap()).unwrap();
+    let (task, _) = api.service.task(id).await.unwrap().unwrap();
+    assert_eq!(
+        task.status,
+        queue_core::task::TaskStatus::Queued,
+        "committed"
+    );
+    assert_eq!(
+        api.service.queue.depth("sim").await.unwrap(),
+        (0, 0),
+        "not dispatched yet"
     );
 }

@@ -86,6 +86,20 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERQ_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// Run the sweeper (reaper of lapsed leases, reconciler of Redis with
+    /// PostgreSQL) in this process when it wins the leader lock. Every
+    /// worker may; one leads at a time.
+    #[arg(long, env = "INFERQ_SWEEP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sweep: bool,
+
+    /// Time between sweeps, in milliseconds.
+    #[arg(long, env = "INFERQ_SWEEP_MS", default_value_t = 1000)]
+    pub sweep_ms: u64,
+
+    /// Waiting tasks the reconciler checks against Redis per page.
+    #[arg(long, env = "INFERQ_RECONCILE_PAGE", default_value_t = 5000)]
+    pub reconcile_page: i64,
+
     /// Delay after the first failed attempt, in milliseconds.
     #[arg(long, env = "INFERQ_RETRY_INITIAL_MS", default_value_t = 1000)]
     pub retry_initial_ms: u64,
@@ -132,6 +146,9 @@ impl Default for WorkerConfig {
             poll_ms: 20,
             lease_secs: 30,
             shutdown_grace_secs: 30,
+            sweep: true,
+            sweep_ms: 1000,
+            reconcile_page: 5000,
             retry_initial_ms: 1000,
             retry_multiplier: 2.0,
             retry_max_ms: 300_000,

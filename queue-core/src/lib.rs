@@ -11,6 +11,7 @@
 //!   Lua script lives here.
 //! - [`service`]: client operations composed from store and queue in the
 //!   order the invariants demand (commit, then push).
+//! - [`idempotency`]: Idempotency-Key fingerprints (canonical JSON, SHA-256).
 //! - [`retry`]: the retry policy, attempt -> delay, a pure function.
 //! - [`config`]: settings read once from flags and the environment.
 //! - [`error`]: the one error type of the core.
@@ -20,6 +21,7 @@
 
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod queue;
 pub mod retry;
 pub mod service;

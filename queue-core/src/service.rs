@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::Result;
+use crate::idempotency::IdempotencyKey;
 use crate::queue::{Queue, ReadyEntry};
-use crate::store::{CancelOutcome, Row, Store};
+use crate::store::{CancelOutcome, ExistingKey, Inserted, Row, Store};
 use crate::task::{AttemptRecord, BatchRecord, NewBatch, NewTask, TaskRecord, TaskStatus};
 
 /// The core's front door, shared by the API handlers and the tests.
@@ -24,6 +25,17 @@ pub struct Accepted {
     pub created_at: DateTime<Utc>,
 }
 
+/// What a submission with an idempotency key did.
+#[derive(Debug, Clone)]
+pub enum Submission {
+    /// Committed now.
+    New(Accepted),
+    /// The key was used before, with the same body: this is what it made.
+    Replay(ExistingKey),
+    /// The key was used before with a different body: nothing was done.
+    KeyReused,
+}
+
 impl Service {
     pub fn new(store: Store, queue: Queue) -> Service {
         Service { store, queue }
@@ -31,7 +43,22 @@ impl Service {
 
     /// Commits one task, then makes it ready.
     pub async fn submit(&self, task: &NewTask) -> Result<Accepted> {
-        self.insert_and_push(None, std::slice::from_ref(task)).await
+        match self.submit_with_key(task, None).await? {
+            Submission::New(a) => Ok(a),
+            Submission::Replay(_) | Submission::KeyReused => {
+                unreachable!("no key, no replay")
+            }
+        }
+    }
+
+    /// [`Service::submit`] under an optional idempotency key.
+    pub async fn submit_with_key(
+        &self,
+        task: &NewTask,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Submission> {
+        self.insert_and_push(None, std::slice::from_ref(task), key)
+            .await
     }
 
     /// Commits a batch and all its tasks in one transaction (all or none),
@@ -39,17 +66,39 @@ impl Service {
     /// order of `batch.tasks`.
     pub async fn submit_batch(&self, batch: &NewBatch) -> Result<(Uuid, Accepted)> {
         let batch_id = Uuid::now_v7();
-        let accepted = self
-            .insert_and_push(Some((batch_id, batch.metadata.as_ref())), &batch.tasks)
-            .await?;
-        Ok((batch_id, accepted))
+        match self
+            .insert_and_push(
+                Some((batch_id, batch.metadata.as_ref())),
+                &batch.tasks,
+                None,
+            )
+            .await?
+        {
+            Submission::New(a) => Ok((batch_id, a)),
+            Submission::Replay(_) | Submission::KeyReused => {
+                unreachable!("no key, no replay")
+            }
+        }
+    }
+
+    /// [`Service::submit_batch`] under an optional idempotency key; a new
+    /// batch's id is `batch_id`.
+    pub async fn submit_batch_with_key(
+        &self,
+        batch_id: Uuid,
+        batch: &NewBatch,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Submission> {
+        self.insert_and_push(Some((batch_id, batch.metadata.as_ref())), &batch.tasks, key)
+            .await
     }
 
     async fn insert_and_push(
         &self,
         batch: Option<(Uuid, Option<&serde_json::Value>)>,
         tasks: &[NewTask],
-    ) -> Result<Accepted> {
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Submission> {
         // v7 ids from one process are strictly increasing, which the ready
         // set relies on to keep FIFO order between tasks of the same ms.
         let rows: Vec<Row<'_>> = tasks
@@ -59,7 +108,13 @@ impl Service {
                 task,
             })
             .collect();
-        let created_at = self.store.insert_tasks(batch, &rows).await?;
+        let created_at = match self.store.insert_tasks(batch, &rows, key).await? {
+            Inserted::New(at) => at,
+            Inserted::Existing(existing) if existing.same_body => {
+                return Ok(Submission::Replay(existing));
+            }
+            Inserted::Existing(_) => return Ok(Submission::KeyReused),
+        };
         let order_ms = created_at.timestamp_millis();
         let entries: Vec<ReadyEntry<'_>> = rows
             .iter()
@@ -77,10 +132,10 @@ impl Service {
         if let Err(e) = self.queue.push_ready(&entries).await {
             tracing::warn!(error = %e, tasks = entries.len(), "push to redis failed after commit; the reconciler will dispatch");
         }
-        Ok(Accepted {
+        Ok(Submission::New(Accepted {
             ids: rows.iter().map(|r| r.id).collect(),
             created_at,
-        })
+        }))
     }
 
     pub async fn task(&self, id: Uuid) -> Result<Option<(TaskRecord, Vec<AttemptRecord>)>> {

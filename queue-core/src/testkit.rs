@@ -33,6 +33,18 @@ pub fn store_config(database_url: &str, prefix: &str) -> StoreConfig {
     }
 }
 
+/// Test configs may point Redis elsewhere (a dead port, a private server).
+pub trait WithRedis {
+    fn with_redis(self, url: &str) -> Self;
+}
+
+impl WithRedis for StoreConfig {
+    fn with_redis(mut self, url: &str) -> Self {
+        self.redis_url = url.to_owned();
+        self
+    }
+}
+
 /// The core over a test database and a fresh key prefix.
 pub fn service(pool: PgPool) -> Service {
     let config = store_config("unused", &unique_prefix());

@@ -86,6 +86,15 @@ impl Worker {
         let inner = &self.inner;
         let tracker = TaskTracker::new();
         let heartbeat = tokio::spawn(heartbeat(self.inner.clone(), shutdown.child_token()));
+        let sweeper = inner.config.sweep.then(|| {
+            tokio::spawn(crate::sweeper::run(
+                inner.store.clone(),
+                inner.queue.clone(),
+                Duration::from_millis(inner.config.sweep_ms.max(10)),
+                inner.config.reconcile_page,
+                shutdown.child_token(),
+            ))
+        });
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut fetcher = Fetcher::new(inner.config.queue_list());
         tracing::info!(
@@ -142,6 +151,11 @@ impl Worker {
             tracker.wait().await;
         }
         heartbeat.abort();
+        if let Some(s) = sweeper {
+            // Dropping the task drops its leader connection: the lock frees.
+            s.abort();
+            let _ = s.await;
+        }
         tracing::info!("worker stopped");
     }
 }
@@ -426,7 +440,7 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                     queue: &task.model,
                     id: task.id,
                     priority,
-                    order_ms: id_time_ms(task.id),
+                    order_ms: task.created_at.timestamp_millis(),
                 }])
                 .await
         }
@@ -435,13 +449,4 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
     if let Err(e) = dispatch {
         tracing::warn!(error = %e, "could not dispatch the task again; the reconciler will");
     }
-}
-
-/// The submission time carried in a v7 id, so a handed-back task keeps its
-/// place in line.
-fn id_time_ms(id: Uuid) -> i64 {
-    id.get_timestamp().map_or(0, |ts| {
-        let (secs, nanos) = ts.to_unix();
-        secs as i64 * 1000 + i64::from(nanos / 1_000_000)
-    })
 }

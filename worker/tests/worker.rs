@@ -8,10 +8,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use inferq_worker::Worker;
 use inferq_worker::backend::sim::{SimBackend, expected_text};
+use inferq_worker::backend::{Backend, BackendError, Inference, InferenceRequest};
+use inferq_worker::sweeper::Sweeper;
 use queue_core::Service;
 use queue_core::config::WorkerConfig;
+use queue_core::queue::Queue;
 use queue_core::task::{NewBatch, NewTask, TaskRecord, TaskStatus};
-use queue_core::testkit::{self, wait_for};
+use queue_core::testkit::{self, WithRedis as _, wait_for};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -400,5 +403,210 @@ async fn cancelling_a_running_task_stops_it_within_a_second(pool: PgPool) {
     assert!(t.result.is_none(), "no result is recorded after the cancel");
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].outcome.as_deref(), Some("cancelled"));
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_lapsed_lease_is_reaped_and_the_lost_attempt_counts(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "x", "max_attempts": 2}),
+    )
+    .await;
+    let mut sweeper = Sweeper::new(100);
+    let short = Duration::from_millis(300);
+
+    // A worker claims it and dies (nobody renews the lease).
+    assert_eq!(svc.store.claim(&[id], short).await.unwrap().len(), 1);
+    assert_eq!(
+        sweeper
+            .sweep(&svc.store, &svc.queue)
+            .await
+            .unwrap()
+            .requeued,
+        0,
+        "lease still valid"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+    assert_eq!((r.requeued, r.failed), (1, 0));
+    let (t, h) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (TaskStatus::Queued, 1));
+    assert_eq!(h[0].outcome.as_deref(), Some("lease_expired"));
+    assert_eq!(
+        svc.queue.depth("sim").await.unwrap().0,
+        1,
+        "back in the ready set"
+    );
+
+    // The second (last) attempt's worker dies too: a dead letter, not a loop.
+    assert_eq!(svc.store.claim(&[id], short).await.unwrap()[0].attempts, 2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+    assert_eq!((r.requeued, r.failed), (0, 1));
+    let (t, h) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (TaskStatus::Failed, 2));
+    assert!(t.error.unwrap().contains("lease expired"));
+    assert_eq!(h.len(), 2);
+
+    // The dead worker's late result changes nothing.
+    let late = queue_core::store::Finish::Succeeded {
+        result: json!({"text": "late"}),
+    };
+    assert!(!svc.store.finish(id, 2, &late).await.unwrap());
+    let (t, _) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert!(t.result.is_none());
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn the_reconciler_restores_what_redis_lost(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit(&svc, json!({"model": "sim", "prompt": "x"})).await);
+    }
+    // One task waits out a retry.
+    let waiting = submit(&svc, json!({"model": "other", "prompt": "x"})).await;
+    svc.store
+        .claim(&[waiting], Duration::from_secs(30))
+        .await
+        .unwrap();
+    let run_at = Utc::now() + chrono::Duration::seconds(60);
+    let retry = queue_core::store::Finish::Retry {
+        error: "boom".into(),
+        run_at,
+    };
+    assert!(svc.store.finish(waiting, 1, &retry).await.unwrap());
+
+    svc.queue.purge().await.unwrap(); // Redis lost everything.
+    let mut sweeper = Sweeper::new(2); // small pages: the walk spans several
+    let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+    assert_eq!(r.redispatched, 4);
+    assert_eq!(svc.queue.depth("sim").await.unwrap(), (3, 0));
+    assert_eq!(svc.queue.depth("other").await.unwrap(), (0, 1));
+    assert_eq!(svc.queue.queues().await.unwrap(), vec!["other", "sim"]);
+    // Nothing is missing now: another sweep adds nothing.
+    let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+    assert_eq!(r.redispatched, 0);
+    // Order is kept: FIFO by submission.
+    let popped: Vec<Uuid> = svc
+        .queue
+        .pop("sim", 10, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(popped, ids);
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn only_one_process_leads_the_sweeps(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let first = svc.store.try_lead().await.unwrap();
+    assert!(first.is_some());
+    assert!(
+        svc.store.try_lead().await.unwrap().is_none(),
+        "a second leader"
+    );
+    drop(first); // the leader dies: its session ends, the lock frees
+    let next = wait_for("the lead to free", Duration::from_secs(5), || async {
+        svc.store.try_lead().await.unwrap()
+    })
+    .await;
+    let mut next = next;
+    assert!(next.alive().await);
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_task_redis_never_saw_still_runs(pool: PgPool) {
+    let live = testkit::service(pool);
+    // Submitted while Redis was unreachable: committed, never pushed.
+    let dead = Queue::connect(
+        &testkit::store_config("unused", live.queue.prefix()).with_redis("redis://127.0.0.1:1"),
+    )
+    .unwrap();
+    let api_side = Service::new(live.store.clone(), dead);
+    let id = api_side
+        .submit(&task(json!({"model": "sim", "prompt": "late but sure"})))
+        .await
+        .unwrap()
+        .ids[0];
+    assert_eq!(live.queue.depth("sim").await.unwrap(), (0, 0));
+    let worker = start(
+        &live,
+        WorkerConfig {
+            sweep_ms: 50,
+            ..fast_retries()
+        },
+    );
+    let (t, _) = wait_terminal(&live, id).await;
+    worker.stop().await;
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    assert_eq!(t.result.unwrap()["text"], "sim: late but sure");
+    live.queue.purge().await.unwrap();
+}
+
+/// Panics on the first attempt of every task, answers on the next.
+struct PanicsOnce;
+
+#[async_trait::async_trait]
+impl Backend for PanicsOnce {
+    fn name(&self) -> &'static str {
+        "panics-once"
+    }
+
+    async fn infer(
+        &self,
+        request: &InferenceRequest,
+        cancel: &CancellationToken,
+    ) -> Result<Inference, BackendError> {
+        assert!(
+            request.attempt > 1,
+            "backend bug on attempt {}",
+            request.attempt
+        );
+        SimBackend.infer(request, cancel).await
+    }
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_panic_in_the_backend_fails_that_attempt_and_the_worker_lives_on(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let worker = Worker::new(
+        svc.store.clone(),
+        svc.queue.clone(),
+        Arc::new(PanicsOnce),
+        WorkerConfig {
+            retry_initial_ms: 20,
+            ..fast_retries()
+        },
+    );
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&svc, json!({"model": "sim", "prompt": format!("p{i}")})).await);
+    }
+    for id in ids {
+        let (t, h) = wait_terminal(&svc, id).await;
+        assert_eq!((t.status, t.attempts), (TaskStatus::Succeeded, 2));
+        assert!(
+            h[0].error
+                .as_deref()
+                .unwrap()
+                .contains("backend panicked: backend bug on attempt 1")
+        );
+    }
+    assert!(!handle.is_finished(), "the worker is still running");
+    stop.cancel();
+    handle.await.unwrap();
     svc.queue.purge().await.unwrap();
 }

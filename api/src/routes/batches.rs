@@ -2,15 +2,18 @@
 //! their progress.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use queue_core::service::Submission;
 use queue_core::task::{BatchRecord, NewBatch, TaskStatus};
 use serde_json::{Map, Value, json};
+use uuid::Uuid;
 
 use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
+use crate::routes::tasks::idempotency_key;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -18,19 +21,41 @@ pub fn router() -> Router<AppState> {
         .route("/batches/{id}", get(show))
 }
 
+/// `202` with the new batch; with an `Idempotency-Key` seen before and the
+/// same body, `200` with the batch that key made.
 async fn submit(
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Value>)> {
+    let key = idempotency_key(&headers, "batches", &body)?;
     let batch = NewBatch::from_json(&body)?;
-    let (id, accepted) = state.service.submit_batch(&batch).await?;
+    let id = Uuid::now_v7();
+    let (status, id, ids, created_at) = match state
+        .service
+        .submit_batch_with_key(id, &batch, key.as_ref())
+        .await?
+    {
+        Submission::New(accepted) => (StatusCode::ACCEPTED, id, accepted.ids, accepted.created_at),
+        Submission::Replay(existing) => {
+            let id = existing.batch_id.ok_or(ApiError::IdempotencyKeyReused)?;
+            let batch = state
+                .service
+                .batch(id)
+                .await?
+                .ok_or(ApiError::NotFound { what: "batch" })?;
+            let ids = state.service.store.batch_task_ids(id).await?;
+            (StatusCode::OK, id, ids, batch.created_at)
+        }
+        Submission::KeyReused => return Err(ApiError::IdempotencyKeyReused),
+    };
     Ok((
-        StatusCode::ACCEPTED,
+        status,
         Json(json!({
             "id": id,
-            "total": accepted.ids.len(),
-            "task_ids": accepted.ids,
-            "created_at": accepted.created_at,
+            "total": ids.len(),
+            "task_ids": ids,
+            "created_at": created_at,
             "links": { "self": format!("/batches/{id}") },
         })),
     ))

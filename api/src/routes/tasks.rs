@@ -1,11 +1,16 @@
 //! `/tasks`: submit one task, read it back, cancel it.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use queue_core::idempotency::{IdempotencyKey, MAX_KEY_LEN};
+use queue_core::service::Submission;
 use queue_core::store::CancelOutcome;
-use queue_core::task::{AttemptRecord, NewTask, TaskRecord, TaskStatus};
+use queue_core::task::{AttemptRecord, NewTask, TaskRecord, TaskStatus, ValidationError};
+
+/// The header a client sets to make a submission safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -18,24 +23,73 @@ pub fn router() -> Router<AppState> {
         .route("/tasks/{id}", get(show).delete(cancel))
 }
 
+/// `202` with the new task; with an `Idempotency-Key` seen before and the
+/// same body, `200` with the task that key made.
 async fn submit(
     State(state): State<AppState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Value>)> {
+    let key = idempotency_key(&headers, "tasks", &body)?;
     let task = NewTask::from_json(&body, "")?;
-    let accepted = state.service.submit(&task).await?;
-    let id = accepted.ids[0];
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "id": id,
-            "status": TaskStatus::Queued,
-            "model": task.model,
-            "priority": task.priority,
-            "created_at": accepted.created_at,
-            "links": { "self": format!("/tasks/{id}") },
-        })),
-    ))
+    match state.service.submit_with_key(&task, key.as_ref()).await? {
+        Submission::New(accepted) => {
+            let id = accepted.ids[0];
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "id": id,
+                    "status": TaskStatus::Queued,
+                    "model": task.model,
+                    "priority": task.priority,
+                    "created_at": accepted.created_at,
+                    "links": { "self": format!("/tasks/{id}") },
+                })),
+            ))
+        }
+        Submission::Replay(existing) => {
+            let id = existing.task_id.ok_or(ApiError::IdempotencyKeyReused)?;
+            let task = state
+                .service
+                .store
+                .task(id)
+                .await?
+                .ok_or(ApiError::NotFound { what: "task" })?;
+            Ok((
+                StatusCode::OK,
+                Json(json!({
+                    "id": id,
+                    "status": task.status,
+                    "model": task.model,
+                    "priority": task.priority(),
+                    "created_at": task.created_at,
+                    "links": { "self": format!("/tasks/{id}") },
+                })),
+            ))
+        }
+        Submission::KeyReused => Err(ApiError::IdempotencyKeyReused),
+    }
+}
+
+/// The `Idempotency-Key` header, if any, fingerprinted with the body.
+pub fn idempotency_key(
+    headers: &HeaderMap,
+    route: &str,
+    body: &Value,
+) -> Result<Option<IdempotencyKey>> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::Invalid(ValidationError {
+            field: IDEMPOTENCY_KEY.to_owned(),
+            message: format!("must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+        })
+    };
+    let text = raw.to_str().map_err(|_| invalid())?;
+    IdempotencyKey::new(text, route, body)
+        .map(Some)
+        .ok_or_else(invalid)
 }
 
 async fn show(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>> {

@@ -88,6 +88,21 @@ fn ready_score(priority: Priority, order_ms: i64) -> f64 {
     f64::from(priority.band()) * BAND + order_ms as f64
 }
 
+/// The scheduled-set member of a task: derived from what PostgreSQL stores
+/// (priority, run-at), so the reconciler can rebuild it exactly.
+fn scheduled_member(priority: Priority, run_at_ms: i64, id: Uuid) -> String {
+    format!("{}|{id}", ready_score(priority, run_at_ms))
+}
+
+/// A task to park in the scheduled set.
+#[derive(Debug, Clone)]
+pub struct ScheduledEntry<'a> {
+    pub queue: &'a str,
+    pub id: Uuid,
+    pub priority: Priority,
+    pub run_at_ms: i64,
+}
+
 impl Queue {
     pub fn connect(config: &StoreConfig) -> Result<Queue> {
         let mut cfg = deadpool_redis::Config::from_url(config.redis_url.clone());
@@ -95,9 +110,9 @@ impl Queue {
         // Bounded waits, so an outage turns into an error (503, backoff)
         // rather than a request that hangs.
         pool_cfg.timeouts = Timeouts {
-            wait: Some(Duration::from_secs(2)),
-            create: Some(Duration::from_secs(2)),
-            recycle: Some(Duration::from_secs(2)),
+            wait: Some(Duration::from_secs(1)),
+            create: Some(Duration::from_secs(1)),
+            recycle: Some(Duration::from_secs(1)),
         };
         cfg.pool = Some(pool_cfg);
         let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
@@ -165,6 +180,48 @@ impl Queue {
         Ok(())
     }
 
+    /// Re-adds waiting tasks that Redis may have lost (the reconciler).
+    /// `ZADD NX` adds only what is missing and never moves an entry, so ids
+    /// that are present keep their place. Returns how many were missing.
+    pub async fn redispatch(
+        &self,
+        ready: &[ReadyEntry<'_>],
+        scheduled: &[ScheduledEntry<'_>],
+    ) -> Result<u64> {
+        if ready.is_empty() && scheduled.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        let mut queues: Vec<&str> = Vec::new();
+        for e in ready {
+            pipe.cmd("ZADD")
+                .arg(self.ready_key(e.queue))
+                .arg("NX")
+                .arg(ready_score(e.priority, e.order_ms))
+                .arg(e.id.to_string());
+            if !queues.contains(&e.queue) {
+                queues.push(e.queue);
+            }
+        }
+        for e in scheduled {
+            pipe.cmd("ZADD")
+                .arg(self.scheduled_key(e.queue))
+                .arg("NX")
+                .arg(e.run_at_ms)
+                .arg(scheduled_member(e.priority, e.run_at_ms, e.id));
+            if !queues.contains(&e.queue) {
+                queues.push(e.queue);
+            }
+        }
+        pipe.cmd("SADD")
+            .arg(self.queues_key())
+            .arg(&queues)
+            .ignore();
+        let mut conn = self.pool.get().await?;
+        let added: Vec<u64> = pipe.query_async(&mut *conn).await?;
+        Ok(added.iter().sum())
+    }
+
     /// Parks a task until `run_at_ms`, when a pop moves it to ready at the
     /// back of its priority band.
     pub async fn schedule(
@@ -174,7 +231,7 @@ impl Queue {
         priority: Priority,
         run_at_ms: i64,
     ) -> Result<()> {
-        let member = format!("{}|{id}", ready_score(priority, run_at_ms));
+        let member = scheduled_member(priority, run_at_ms, id);
         let mut conn = self.pool.get().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")

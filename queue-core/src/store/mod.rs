@@ -2,6 +2,7 @@
 //! in this module, each in a small function that says what it changes.
 
 mod batches;
+mod sweep;
 mod tasks;
 
 use std::time::Duration;
@@ -9,8 +10,9 @@ use std::time::Duration;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-pub(crate) use tasks::Row;
-pub use tasks::{CancelOutcome, ClaimedTask, Finish};
+pub use sweep::{Leader, Reaped, Waiting};
+pub use tasks::{CancelOutcome, ClaimedTask, ExistingKey, Finish};
+pub(crate) use tasks::{Inserted, Row};
 
 use crate::config::StoreConfig;
 use crate::error::Result;

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::error::Result;
+use crate::idempotency::IdempotencyKey;
 use crate::task::{AttemptRecord, Input, NewTask, TaskRecord, TaskStatus};
 
 /// Rows per INSERT statement. A 100,000-task batch is several statements in
@@ -30,6 +31,8 @@ pub struct ClaimedTask {
     /// This attempt's number (1-based): the fence on every later write.
     pub attempts: i32,
     pub max_attempts: i32,
+    /// Orders the task within its band when it goes back to the queue.
+    pub created_at: DateTime<Utc>,
 }
 
 /// How an attempt ended.
@@ -59,6 +62,23 @@ pub enum CancelOutcome {
     Conflict(TaskStatus),
 }
 
+/// What an insert did.
+#[derive(Debug)]
+pub(crate) enum Inserted {
+    New(DateTime<Utc>),
+    /// The idempotency key was already used; nothing was written.
+    Existing(ExistingKey),
+}
+
+/// What an idempotency key already points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExistingKey {
+    /// The earlier request had the same body (as a JSON value).
+    pub same_body: bool,
+    pub task_id: Option<Uuid>,
+    pub batch_id: Option<Uuid>,
+}
+
 /// The part of a new task that is stored; ids are given by the caller so the
 /// API can answer with them and push them to Redis after the commit.
 pub(crate) struct Row<'a> {
@@ -69,16 +89,54 @@ pub(crate) struct Row<'a> {
 impl Store {
     /// Inserts tasks (all `queued`), optionally with their batch, in one
     /// transaction.
+    ///
+    /// With an idempotency key, the key is inserted first in the same
+    /// transaction: if it exists (or another request is committing it right
+    /// now; the insert waits for that one), nothing is written and what the
+    /// key points at is returned instead.
     pub(crate) async fn insert_tasks(
         &self,
         batch: Option<(Uuid, Option<&Value>)>,
         rows: &[Row<'_>],
-    ) -> Result<DateTime<Utc>> {
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Inserted> {
         let mut tx = self.pool.begin().await?;
         let created_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
             .fetch_one(&mut *tx)
             .await?;
         let batch_id = batch.map(|(id, _)| id);
+        if let Some(key) = key {
+            let task_id = if batch_id.is_none() {
+                rows.first().map(|r| r.id)
+            } else {
+                None
+            };
+            let fresh: Option<String> = sqlx::query_scalar(
+                "INSERT INTO idempotency_keys (key, body_sha256, task_id, batch_id)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING key",
+            )
+            .bind(&key.key)
+            .bind(key.fingerprint.as_slice())
+            .bind(task_id)
+            .bind(batch_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if fresh.is_none() {
+                let (sha, task_id, batch_id): (Vec<u8>, Option<Uuid>, Option<Uuid>) =
+                    sqlx::query_as(
+                        "SELECT body_sha256, task_id, batch_id FROM idempotency_keys WHERE key = $1",
+                    )
+                    .bind(&key.key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                return Ok(Inserted::Existing(ExistingKey {
+                    same_body: sha == key.fingerprint,
+                    task_id,
+                    batch_id,
+                }));
+            }
+        }
         if let Some((id, metadata)) = batch {
             sqlx::query(
                 "INSERT INTO batches (id, total, metadata, created_at) VALUES ($1, $2, $3, $4)",
@@ -126,7 +184,18 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(created_at)
+        Ok(Inserted::New(created_at))
+    }
+
+    /// The task ids of a batch, in the order they were submitted (v7 ids are
+    /// generated in that order).
+    pub async fn batch_task_ids(&self, batch_id: Uuid) -> Result<Vec<Uuid>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM tasks WHERE batch_id = $1 ORDER BY id")
+                .bind(batch_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Takes the tasks among `ids` that are still waiting to run, marks them
@@ -147,7 +216,7 @@ impl Store {
                  WHERE id = ANY($1)
                    AND (status = 'queued'
                         OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
-             RETURNING id, model, priority, input, params, attempts, max_attempts
+             RETURNING id, model, priority, input, params, attempts, max_attempts, created_at
              ), opened AS (
                 INSERT INTO task_attempts (task_id, attempt) SELECT id, attempts FROM claimed
              )

@@ -1,0 +1,164 @@
+//! The sweeper: keeps PostgreSQL (the truth) and Redis (the dispatch index)
+//! in step. One process leads at a time (a PostgreSQL advisory lock); any
+//! worker may take over when the leader dies.
+//!
+//! Each sweep
+//! - reaps running tasks whose lease lapsed (their worker died) and queues
+//!   them again, or fails them if that was their last attempt;
+//! - reconciles one page of waiting tasks: every queued or scheduled task
+//!   gets its id back in Redis if Redis lacks it (the API died between
+//!   commit and push, Redis was flushed or restarted). Pages are bounded, and
+//!   the walk goes on at once while it keeps finding missing ids, so a
+//!   flushed Redis is rebuilt quickly without one huge command;
+//! - deletes idempotency keys past their retention.
+
+use std::time::Duration;
+
+use queue_core::queue::{Queue, ReadyEntry, ScheduledEntry};
+use queue_core::store::{Leader, Store};
+use queue_core::task::{Priority, TaskStatus};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Lapsed leases handled per sweep.
+const REAP_LIMIT: i64 = 1000;
+/// Pages walked back to back while ids keep turning out missing.
+const MAX_PAGES_PER_SWEEP: usize = 20;
+/// Idempotency keys are kept at least this long.
+pub const IDEMPOTENCY_TTL_SECS: i64 = 24 * 3600;
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    pub requeued: usize,
+    pub failed: usize,
+    pub redispatched: u64,
+}
+
+/// The reconciler's place in its walk over waiting tasks.
+#[derive(Debug, Default)]
+pub struct Sweeper {
+    cursor: Uuid,
+    page: i64,
+}
+
+fn priority(band: i16) -> Priority {
+    Priority::from_band(band).unwrap_or(Priority::Normal)
+}
+
+impl Sweeper {
+    pub fn new(page: i64) -> Sweeper {
+        Sweeper {
+            cursor: Uuid::nil(),
+            page: page.max(1),
+        }
+    }
+
+    /// One sweep. Call it only while leading.
+    pub async fn sweep(&mut self, store: &Store, queue: &Queue) -> queue_core::Result<SweepReport> {
+        let mut report = SweepReport::default();
+
+        let reaped = store.reap_expired(REAP_LIMIT).await?;
+        let requeue: Vec<ReadyEntry<'_>> = reaped
+            .iter()
+            .filter(|r| r.status == TaskStatus::Queued)
+            .map(|r| ReadyEntry {
+                queue: &r.model,
+                id: r.id,
+                priority: priority(r.priority),
+                order_ms: r.created_at.timestamp_millis(),
+            })
+            .collect();
+        report.requeued = requeue.len();
+        report.failed = reaped.len() - requeue.len();
+        if let Err(e) = queue.push_ready(&requeue).await {
+            // They are queued in PostgreSQL; the walk below re-adds them.
+            tracing::warn!(error = %e, "could not push reaped tasks");
+        }
+
+        for _ in 0..MAX_PAGES_PER_SWEEP {
+            let page = store.waiting_page(self.cursor, self.page).await?;
+            self.cursor = if (page.len() as i64) < self.page {
+                Uuid::nil()
+            } else {
+                page.last().map_or(Uuid::nil(), |w| w.id)
+            };
+            let mut ready = Vec::new();
+            let mut scheduled = Vec::new();
+            for w in &page {
+                match (w.status, w.run_at) {
+                    (TaskStatus::Scheduled, Some(run_at)) => scheduled.push(ScheduledEntry {
+                        queue: &w.model,
+                        id: w.id,
+                        priority: priority(w.priority),
+                        run_at_ms: run_at.timestamp_millis(),
+                    }),
+                    _ => ready.push(ReadyEntry {
+                        queue: &w.model,
+                        id: w.id,
+                        priority: priority(w.priority),
+                        order_ms: w.created_at.timestamp_millis(),
+                    }),
+                }
+            }
+            let added = queue.redispatch(&ready, &scheduled).await?;
+            report.redispatched += added;
+            if added == 0 || self.cursor.is_nil() {
+                break;
+            }
+        }
+
+        store
+            .expire_idempotency_keys(IDEMPOTENCY_TTL_SECS, 1000)
+            .await?;
+        Ok(report)
+    }
+}
+
+/// Sweeps every `interval` while this process leads; tries to take the
+/// lead otherwise.
+pub async fn run(
+    store: Store,
+    queue: Queue,
+    interval: Duration,
+    page: i64,
+    stop: CancellationToken,
+) {
+    let mut sweeper = Sweeper::new(page);
+    let mut leader: Option<Leader> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stop.cancelled() => return,
+        }
+        if leader.is_none() {
+            match store.try_lead().await {
+                Ok(Some(l)) => {
+                    tracing::info!("this process now leads the sweeps");
+                    leader = Some(l);
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot try for the sweeper lead");
+                    continue;
+                }
+            }
+        }
+        let Some(l) = leader.as_mut() else { continue };
+        if !l.alive().await {
+            tracing::warn!("lost the sweeper lead (its PostgreSQL session ended)");
+            leader = None;
+            continue;
+        }
+        match sweeper.sweep(&store, &queue).await {
+            Ok(r) if r != SweepReport::default() => tracing::info!(
+                requeued = r.requeued,
+                failed = r.failed,
+                redispatched = r.redispatched,
+                "sweep"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+    }
+}
