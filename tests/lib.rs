@@ -2,6 +2,8 @@
 //! `inferq-worker` binaries against the real PostgreSQL and Redis, each test
 //! with its own database and key prefix, and talk to them over HTTP only.
 
+pub mod servers;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -47,6 +49,14 @@ pub struct Env {
 }
 
 impl Env {
+    /// Against private servers instead of the shared ones.
+    pub fn with_urls(name: &str, database_url: String, redis_url: String) -> Env {
+        let mut env = Env::new(name);
+        env.database_url = database_url;
+        env.redis_url = redis_url;
+        env
+    }
+
     pub fn new(name: &str) -> Env {
         let base = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
@@ -60,8 +70,7 @@ impl Env {
         Env {
             database_url: format!("{server}/inferq_e2e_{tag}"),
             prefix: format!("inferq-e2e-{tag}"),
-            redis_url: std::env::var("REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+            redis_url: redis_url(),
             logs,
         }
     }
@@ -209,6 +218,11 @@ impl Api {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The shared Redis (`REDIS_URL`, default local).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
 pub fn free_port() -> u16 {

@@ -250,13 +250,20 @@ impl Store {
             .bind(id)
             .bind(attempt)
             .bind(result),
+            // The store, not only the caller, refuses a retry past
+            // max_attempts: such a retry becomes the dead letter it must be.
             Finish::Retry { error, run_at } => sqlx::query(
                 "WITH t AS (
-                    UPDATE tasks SET status = 'scheduled', run_at = $4, error = $3, lease_until = NULL
+                    UPDATE tasks SET
+                           status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'scheduled' END,
+                           run_at = CASE WHEN attempts >= max_attempts THEN NULL ELSE $4 END,
+                           finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+                           error = $3, lease_until = NULL
                      WHERE id = $1 AND attempts = $2 AND status = 'running'
-                 RETURNING id, attempts
+                 RETURNING id, attempts, status
                  ), h AS (
-                    UPDATE task_attempts a SET finished_at = now(), outcome = 'retry', error = $3
+                    UPDATE task_attempts a SET finished_at = now(),
+                           outcome = CASE WHEN t.status = 'failed' THEN 'failed' ELSE 'retry' END, error = $3
                       FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
                  )
                  SELECT count(*) FROM t",
