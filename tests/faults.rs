@@ -189,19 +189,7 @@ async fn kill_9_workers_ten_times_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_in_the_middle_of_a_run_loses_nothing() {
     let redis = PrivateRedis::start();
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let server = base
-        .rsplit_once('/')
-        .map_or(base.clone(), |(s, _)| s.to_owned());
-    let env = Env::with_urls(
-        "flush",
-        format!(
-            "{server}/inferq_e2e_flush_{}",
-            uuid::Uuid::now_v7().simple()
-        ),
-        redis.url(),
-    );
+    let env = Env::new("flush").with_redis(redis.url());
     let api = env.api(&[]).await;
     let _workers: Vec<Child> = (0..2)
         .map(|i| env.worker(&format!("w{i}.log"), &worker_env(32)))
@@ -221,16 +209,7 @@ async fn flushall_in_the_middle_of_a_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_in_the_middle_of_a_run_loses_nothing() {
     let mut redis = PrivateRedis::start();
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let server = base
-        .rsplit_once('/')
-        .map_or(base.clone(), |(s, _)| s.to_owned());
-    let env = Env::with_urls(
-        "redis-restart",
-        format!("{server}/inferq_e2e_rr_{}", uuid::Uuid::now_v7().simple()),
-        redis.url(),
-    );
+    let env = Env::new("redis-restart").with_redis(redis.url());
     let api = env.api(&[]).await;
     let _workers: Vec<Child> = (0..2)
         .map(|i| env.worker(&format!("w{i}.log"), &worker_env(32)))
@@ -269,7 +248,7 @@ async fn redis_restarted_in_the_middle_of_a_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_for_10s_means_503_and_no_accepted_task_is_lost() {
     let pg = PrivatePostgres::start();
-    let env = Env::with_urls("pg-down", pg.url("inferq"), inferq_e2e::redis_url());
+    let env = Env::new("pg-down").with_database(pg.url("inferq"));
     let api = env.api(&[("INFERQ_DB_POOL", "8".into())]).await;
     let _workers: Vec<Child> = (0..2)
         .map(|i| env.worker(&format!("w{i}.log"), &worker_env(32)))

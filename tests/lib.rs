@@ -49,12 +49,16 @@ pub struct Env {
 }
 
 impl Env {
-    /// Against private servers instead of the shared ones.
-    pub fn with_urls(name: &str, database_url: String, redis_url: String) -> Env {
-        let mut env = Env::new(name);
-        env.database_url = database_url;
-        env.redis_url = redis_url;
-        env
+    /// Against a private Redis instead of the shared one.
+    pub fn with_redis(mut self, redis_url: String) -> Env {
+        self.redis_url = redis_url;
+        self
+    }
+
+    /// Against a private PostgreSQL instead of the shared one.
+    pub fn with_database(mut self, database_url: String) -> Env {
+        self.database_url = database_url;
+        self
     }
 
     pub fn new(name: &str) -> Env {

@@ -2,13 +2,11 @@
 //! `inferq-api migrate` only applies migrations (compose's one-shot step).
 
 use anyhow::Context as _;
-use backon::Retryable as _;
 use clap::{Parser, Subcommand};
 use inferq_api::{AppState, app};
 use queue_core::Service;
 use queue_core::config::{ApiConfig, StoreConfig};
 use queue_core::queue::Queue;
-use queue_core::retry::io_backoff;
 use queue_core::store::Store;
 
 #[derive(Debug, Parser)]
@@ -35,9 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     queue_core::telemetry::init();
 
-    let store = (|| Store::connect(&cli.store))
-        .retry(io_backoff())
-        .notify(|e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "postgres not reachable yet"))
+    let store = Store::connect_retrying(&cli.store)
         .await
         .context("connecting to PostgreSQL")?;
     store.migrate().await.context("applying migrations")?;

@@ -3,13 +3,11 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use backon::Retryable as _;
 use clap::Parser;
 use inferq_worker::Worker;
 use inferq_worker::backend::sim::SimBackend;
 use queue_core::config::{StoreConfig, WorkerConfig};
 use queue_core::queue::Queue;
-use queue_core::retry::io_backoff;
 use queue_core::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -35,9 +33,7 @@ async fn main() -> anyhow::Result<()> {
     queue_core::telemetry::init();
 
     // PostgreSQL may still be starting (compose, a fresh machine): retry.
-    let store = (|| Store::connect(&cli.store))
-        .retry(io_backoff())
-        .notify(|e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "postgres not reachable yet"))
+    let store = Store::connect_retrying(&cli.store)
         .await
         .context("connecting to PostgreSQL")?;
     store.migrate().await.context("applying migrations")?;

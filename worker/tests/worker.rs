@@ -79,6 +79,14 @@ async fn wait_terminal(
     .await
 }
 
+async fn wait_running(svc: &Service, id: Uuid) {
+    wait_for("task to start", Duration::from_secs(10), || async {
+        let (t, _) = svc.task(id).await.unwrap().unwrap();
+        (t.status == TaskStatus::Running).then_some(())
+    })
+    .await;
+}
+
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn strict_priority_then_fifo_with_one_slot(pool: PgPool) {
     let svc = testkit::service(pool);
@@ -313,11 +321,7 @@ async fn shutdown_finishes_in_flight_work_within_the_grace_period(pool: PgPool) 
             ..fast_retries()
         },
     );
-    wait_for("task to start", Duration::from_secs(10), || async {
-        let (t, _) = svc.task(id).await.unwrap().unwrap();
-        (t.status == TaskStatus::Running).then_some(())
-    })
-    .await;
+    wait_running(&svc, id).await;
     worker.stop().await;
     let (t, _) = svc.task(id).await.unwrap().unwrap();
     assert_eq!(
@@ -343,11 +347,7 @@ async fn shutdown_past_the_grace_period_hands_work_back_uncharged(pool: PgPool) 
             ..fast_retries()
         },
     );
-    wait_for("task to start", Duration::from_secs(10), || async {
-        let (t, _) = svc.task(id).await.unwrap().unwrap();
-        (t.status == TaskStatus::Running).then_some(())
-    })
-    .await;
+    wait_running(&svc, id).await;
     worker.stop().await;
     let (t, history) = svc.task(id).await.unwrap().unwrap();
     assert_eq!(
@@ -381,11 +381,7 @@ async fn cancelling_a_running_task_stops_it_within_a_second(pool: PgPool) {
             ..fast_retries()
         },
     );
-    wait_for("task to start", Duration::from_secs(10), || async {
-        let (t, _) = svc.task(id).await.unwrap().unwrap();
-        (t.status == TaskStatus::Running).then_some(())
-    })
-    .await;
+    wait_running(&svc, id).await;
     let cancelled_at = Utc::now();
     assert!(matches!(
         svc.cancel(id).await.unwrap(),

@@ -49,6 +49,18 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// [`Store::connect`], retried with backoff for a while: at start
+    /// PostgreSQL may still be coming up (compose, a fresh machine).
+    pub async fn connect_retrying(config: &StoreConfig) -> Result<Store> {
+        use backon::Retryable as _;
+        (|| Store::connect(config))
+            .retry(crate::retry::io_backoff())
+            .notify(|e, d| {
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "postgres not reachable yet");
+            })
+            .await
+    }
+
     /// Applies pending migrations. sqlx holds an advisory lock meanwhile, so
     /// several processes may call this at once.
     pub async fn migrate(&self) -> Result<()> {
