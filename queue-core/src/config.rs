@@ -100,6 +100,16 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERQ_RECONCILE_PAGE", default_value_t = 5000)]
     pub reconcile_page: i64,
 
+    /// Which queues go to which inference backend: JSON inline or
+    /// `@path/to/backends.json` (see the README). Unset: `sim` for all.
+    #[arg(long, env = "INFERQ_BACKENDS")]
+    pub backends: Option<String>,
+
+    /// How long a result stays reusable for tasks that ask for the cache
+    /// (`"cache": true`), in seconds.
+    #[arg(long, env = "INFERQ_CACHE_TTL_SECS", default_value_t = 86_400)]
+    pub cache_ttl_secs: i64,
+
     /// Delay after the first failed attempt, in milliseconds.
     #[arg(long, env = "INFERQ_RETRY_INITIAL_MS", default_value_t = 1000)]
     pub retry_initial_ms: u64,
@@ -147,6 +157,8 @@ impl Default for WorkerConfig {
             lease_secs: 30,
             shutdown_grace_secs: 30,
             sweep: true,
+            backends: None,
+            cache_ttl_secs: 86_400,
             sweep_ms: 1000,
             reconcile_page: 5000,
             retry_initial_ms: 1000,

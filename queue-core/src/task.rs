@@ -144,6 +144,8 @@ pub struct NewTask {
     pub priority: Priority,
     pub max_attempts: i32,
     pub metadata: Option<Value>,
+    /// Reuse a stored result for the same model, input and params.
+    pub cache: bool,
 }
 
 /// A validated batch submission.
@@ -239,6 +241,7 @@ impl NewTask {
                 "priority",
                 "max_attempts",
                 "metadata",
+                "cache",
             ],
         )?;
 
@@ -331,6 +334,17 @@ impl NewTask {
             },
         };
 
+        let cache = match obj.get("cache") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ValidationError::new(
+                    join(prefix, "cache"),
+                    "must be a boolean",
+                ));
+            }
+        };
+
         Ok(NewTask {
             model,
             input,
@@ -338,6 +352,7 @@ impl NewTask {
             priority,
             max_attempts,
             metadata: metadata(obj, prefix)?,
+            cache,
         })
     }
 }
@@ -489,6 +504,8 @@ pub struct TaskRecord {
     pub result: Option<Value>,
     pub error: Option<String>,
     pub run_at: Option<DateTime<Utc>>,
+    pub cache: bool,
+    pub progress: Option<Value>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,

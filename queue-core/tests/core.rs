@@ -149,7 +149,18 @@ async fn release_does_not_charge_an_attempt(pool: PgPool) {
         .claim(&[id], Duration::from_secs(30))
         .await
         .unwrap();
-    assert!(svc.store.finish(id, 1, &Finish::Released).await.unwrap());
+    assert!(
+        svc.store
+            .finish(
+                id,
+                1,
+                &Finish::Released {
+                    reason: "test".into()
+                }
+            )
+            .await
+            .unwrap()
+    );
     let (t, history) = svc.task(id).await.unwrap().unwrap();
     assert_eq!((t.status, t.attempts), (TaskStatus::Queued, 0));
     assert_eq!(history[0].outcome.as_deref(), Some("released"));

@@ -57,7 +57,9 @@ fn finish_of(kind: u8) -> Finish {
         2 => Finish::Failed {
             error: "permanent".into(),
         },
-        _ => Finish::Released,
+        _ => Finish::Released {
+            reason: "test".into(),
+        },
     }
 }
 

@@ -1,11 +1,9 @@
 //! `inferq-worker`: parse config, connect, run the pool until a stop signal.
 
-use std::sync::Arc;
-
 use anyhow::Context as _;
 use clap::Parser;
 use inferq_worker::Worker;
-use inferq_worker::backend::sim::SimBackend;
+use inferq_worker::backend::route::Router;
 use queue_core::config::{StoreConfig, WorkerConfig};
 use queue_core::queue::Queue;
 use queue_core::store::Store;
@@ -22,9 +20,6 @@ struct Cli {
     store: StoreConfig,
     #[command(flatten)]
     worker: WorkerConfig,
-    /// Inference backend. Only `sim` (the simulated LLM) exists so far.
-    #[arg(long, env = "INFERQ_BACKEND", default_value = "sim", value_parser = ["sim"])]
-    backend: String,
 }
 
 #[tokio::main]
@@ -39,8 +34,8 @@ async fn main() -> anyhow::Result<()> {
     store.migrate().await.context("applying migrations")?;
     let queue = Queue::connect(&cli.store).context("configuring Redis")?;
 
-    let backend = Arc::new(SimBackend);
-    let worker = Worker::new(store, queue, backend, cli.worker);
+    let router = Router::from_config(cli.worker.backends.as_deref()).context("INFERQ_BACKENDS")?;
+    let worker = Worker::with_router(store, queue, router, cli.worker);
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {

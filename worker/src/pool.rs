@@ -25,7 +25,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::backend::limit::Pull;
+use crate::backend::route::Router;
 use crate::backend::{Backend, BackendError, InferenceRequest};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How long the list of queues (for a worker serving all of them) is reused
 /// before asking Redis again.
@@ -36,16 +39,19 @@ const CANCEL_POLL: Duration = Duration::from_millis(500);
 /// Longest sleep between fetches while the stores are failing.
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(2);
 
-/// An attempt in flight: its fence and the token that stops it.
+/// An attempt in flight: its fence, the token that stops it, and how far
+/// it has got (tokens streamed; written to the task by the heartbeat).
 struct InFlight {
     attempt: i32,
     stop: CancellationToken,
+    progress: Arc<AtomicU64>,
+    progress_written: u64,
 }
 
 struct Inner {
     store: Store,
     queue: Queue,
-    backend: Arc<dyn Backend>,
+    router: Router,
     config: WorkerConfig,
     policy: RetryPolicy,
     in_flight: Mutex<HashMap<Uuid, InFlight>>,
@@ -60,18 +66,24 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A pool with one backend for every queue.
     pub fn new(
         store: Store,
         queue: Queue,
         backend: Arc<dyn Backend>,
         config: WorkerConfig,
     ) -> Worker {
+        Worker::with_router(store, queue, Router::single(backend), config)
+    }
+
+    /// A pool that routes each queue to its configured backend.
+    pub fn with_router(store: Store, queue: Queue, router: Router, config: WorkerConfig) -> Worker {
         let policy = config.retry_policy();
         Worker {
             inner: Arc::new(Inner {
                 store,
                 queue,
-                backend,
+                router,
                 config,
                 policy,
                 in_flight: Mutex::new(HashMap::new()),
@@ -97,11 +109,7 @@ impl Worker {
         });
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut fetcher = Fetcher::new(inner.config.queue_list());
-        tracing::info!(
-            concurrency = inner.config.concurrency,
-            backend = inner.backend.name(),
-            "worker started"
-        );
+        tracing::info!(concurrency = inner.config.concurrency, "worker started");
 
         loop {
             let first = tokio::select! {
@@ -214,8 +222,21 @@ impl Fetcher {
                 break;
             }
             let name = &queues[(self.next + i) % queues.len()];
-            let popped = inner.queue.pop(name, permits.len(), now_ms).await?;
+            // Only queues a backend serves, and not while its breaker is
+            // open: the tasks stay queued instead of burning attempts.
+            let Some((route, _)) = inner.router.resolve(name) else {
+                continue;
+            };
+            let want = match route.breaker.pull() {
+                Pull::Any => permits.len(),
+                Pull::Probe => 1,
+                Pull::None => continue,
+            };
+            let popped = inner.queue.pop(name, want, now_ms).await?;
             if popped.is_empty() {
+                if want == 1 {
+                    route.breaker.probe_unused();
+                }
                 continue;
             }
             let ids: Vec<Uuid> = popped.iter().map(|p| p.id).collect();
@@ -237,6 +258,8 @@ impl Fetcher {
                     InFlight {
                         attempt: task.attempts,
                         stop: CancellationToken::new(),
+                        progress: Arc::default(),
+                        progress_written: 0,
                     },
                 );
                 tracker.spawn(run_attempt(inner.clone(), task, permit));
@@ -299,6 +322,7 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
                 }
             }
         } else {
+            write_progress(&inner).await;
             let ids: Vec<Uuid> = held.iter().map(|(id, _)| *id).collect();
             match inner.store.cancelled_among(&ids).await {
                 Ok(cancelled) => cancelled,
@@ -318,6 +342,25 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
+/// Writes the progress of attempts that moved since the last write.
+async fn write_progress(inner: &Inner) {
+    let moved: Vec<(Uuid, i32, serde_json::Value)> = {
+        let mut map = inner.in_flight.lock().expect("lock");
+        map.iter_mut()
+            .filter_map(|(id, f)| {
+                let now = f.progress.load(Ordering::Relaxed);
+                (now != f.progress_written).then(|| {
+                    f.progress_written = now;
+                    (*id, f.attempt, serde_json::json!({ "tokens": now }))
+                })
+            })
+            .collect()
+    };
+    if let Err(e) = inner.store.record_progress(&moved).await {
+        tracing::debug!(error = %e, "progress not recorded");
+    }
+}
+
 /// Runs one attempt and records its outcome.
 async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphorePermit) {
     let span = tracing::info_span!(
@@ -327,50 +370,20 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphore
         attempt = task.attempts,
     );
     async {
-        let stop = inner
+        let (stop, progress) = inner
             .in_flight
             .lock()
             .expect("lock")
             .get(&task.id)
-            .map(|f| f.stop.clone())
+            .map(|f| (f.stop.clone(), f.progress.clone()))
             .unwrap_or_default();
-        let request = InferenceRequest {
-            task_id: task.id,
-            model: task.model.clone(),
-            input: task.input.0.clone(),
-            params: task.params.0.clone(),
-            attempt: task.attempts.max(1) as u32,
-        };
-        let call = AssertUnwindSafe(inner.backend.infer(&request, &stop)).catch_unwind();
-        let outcome = tokio::select! {
-            out = call => Some(out),
-            () = inner.hard_stop.cancelled() => None,
-            () = stop.cancelled() => Some(Ok(Err(BackendError::Cancelled))),
-        };
-        let finish = match outcome {
-            None => Finish::Released,
-            Some(Ok(Ok(answer))) => Finish::Succeeded {
-                result: serde_json::to_value(&answer).unwrap_or_default(),
-            },
-            Some(Ok(Err(BackendError::Cancelled))) => {
+        let finish = match attempt(&inner, &task, &stop, progress).await {
+            Some(finish) => finish,
+            None => {
                 // The task was taken from us (cancelled or re-leased):
                 // there is nothing of ours left to record.
                 inner.in_flight.lock().expect("lock").remove(&task.id);
                 return;
-            }
-            Some(Ok(Err(BackendError::Permanent { message }))) => Finish::Failed { error: message },
-            Some(Ok(Err(BackendError::Retryable {
-                message,
-                retry_after,
-            }))) => retry_or_fail(&inner, &task, message, retry_after),
-            Some(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_owned());
-                tracing::error!(panic = %what, "backend panicked");
-                retry_or_fail(&inner, &task, format!("backend panicked: {what}"), None)
             }
         };
         record(&inner, &task, finish).await;
@@ -378,6 +391,103 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphore
     }
     .instrument(span)
     .await;
+}
+
+/// The backend call of one attempt, turned into how the attempt ends;
+/// `None` when the attempt lost its task meanwhile.
+async fn attempt(
+    inner: &Inner,
+    task: &ClaimedTask,
+    stop: &CancellationToken,
+    progress: Arc<AtomicU64>,
+) -> Option<Finish> {
+    let Some((route, upstream_model)) = inner.router.resolve(&task.model) else {
+        return Some(Finish::Failed {
+            error: format!("no backend is configured for model {:?}", task.model),
+        });
+    };
+    let fingerprint = task.cache.then(|| {
+        queue_core::idempotency::fingerprint(
+            "result-cache",
+            &serde_json::json!({"model": task.model, "input": task.input.0, "params": task.params.0}),
+        )
+    });
+    if let Some(fp) = &fingerprint {
+        match inner
+            .store
+            .cached_result(fp, inner.config.cache_ttl_secs)
+            .await
+        {
+            Ok(Some(mut result)) => {
+                result["cached"] = serde_json::json!(true);
+                return Some(Finish::Succeeded { result });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "result cache unavailable; calling the backend"),
+        }
+    }
+    let request = InferenceRequest {
+        task_id: task.id,
+        model: upstream_model,
+        input: task.input.0.clone(),
+        params: task.params.0.clone(),
+        attempt: task.attempts.max(1) as u32,
+        progress,
+    };
+    let call = AssertUnwindSafe(route.call(&request, stop)).catch_unwind();
+    let called = tokio::select! {
+        out = call => out,
+        () = inner.hard_stop.cancelled() => return Some(shutdown_release()),
+        () = stop.cancelled() => return None,
+    };
+    Some(match called {
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            tracing::error!(panic = %what, "backend panicked");
+            retry_or_fail(inner, task, format!("backend panicked: {what}"), None)
+        }
+        Ok(called) => match called.result {
+            Ok(answer) => {
+                let result = serde_json::to_value(&answer).unwrap_or_default();
+                if let Some(fp) = &fingerprint
+                    && let Err(e) = inner.store.cache_result(fp, &result).await
+                {
+                    tracing::warn!(error = %e, "result not cached");
+                }
+                Finish::Succeeded { result }
+            }
+            Err(BackendError::Cancelled) => {
+                if inner.hard_stop.is_cancelled() {
+                    shutdown_release()
+                } else {
+                    return None;
+                }
+            }
+            Err(BackendError::Permanent { message }) => Finish::Failed { error: message },
+            Err(BackendError::Retryable { message, .. }) if called.outage => {
+                // The backend is down, not this task: hand it back
+                // uncharged; the open breaker keeps it queued meanwhile.
+                tracing::info!(backend = %route.name, error = %message, "backend outage: task handed back uncharged");
+                Finish::Released {
+                    reason: format!("backend {} is failing ({message}); not charged", route.name),
+                }
+            }
+            Err(BackendError::Retryable {
+                message,
+                retry_after,
+            }) => retry_or_fail(inner, task, message, retry_after),
+        },
+    })
+}
+
+fn shutdown_release() -> Finish {
+    Finish::Released {
+        reason: "handed back on worker shutdown; not charged".to_owned(),
+    }
 }
 
 fn retry_or_fail(
@@ -433,7 +543,7 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 .schedule(&task.model, task.id, priority, run_at.timestamp_millis())
                 .await
         }
-        Finish::Released => {
+        Finish::Released { .. } => {
             inner
                 .queue
                 .push_ready(&[ReadyEntry {

@@ -126,6 +126,8 @@ pub fn task_view(task: &TaskRecord, history: Option<&[AttemptRecord]>) -> Value 
         "error": task.error,
         "metadata": task.metadata,
         "run_at": task.run_at,
+        "cache": task.cache,
+        "progress": task.progress,
         "created_at": task.created_at,
         "started_at": task.started_at,
         "finished_at": task.finished_at,

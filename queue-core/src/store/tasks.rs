@@ -18,7 +18,7 @@ use crate::task::{AttemptRecord, Input, NewTask, TaskRecord, TaskStatus};
 const INSERT_CHUNK: usize = 5_000;
 
 const TASK_COLUMNS: &str = "id, batch_id, model, priority, status, input, params, metadata, \
-     attempts, max_attempts, result, error, run_at, created_at, started_at, finished_at";
+     attempts, max_attempts, result, error, run_at, cache, progress, created_at, started_at, finished_at";
 
 /// A task a worker now holds, with what it needs to run it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -31,6 +31,8 @@ pub struct ClaimedTask {
     /// This attempt's number (1-based): the fence on every later write.
     pub attempts: i32,
     pub max_attempts: i32,
+    /// The client opted into the result cache.
+    pub cache: bool,
     /// Orders the task within its band when it goes back to the queue.
     pub created_at: DateTime<Utc>,
 }
@@ -50,8 +52,11 @@ pub enum Finish {
     Failed {
         error: String,
     },
-    /// Handed back unfinished (graceful shutdown); the attempt is not charged.
-    Released,
+    /// Handed back unfinished (graceful shutdown, backend outage); the
+    /// attempt is not charged. `reason` goes into the attempt's history.
+    Released {
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
@@ -156,6 +161,7 @@ impl Store {
             let mut params = Vec::with_capacity(chunk.len());
             let mut metadata = Vec::with_capacity(chunk.len());
             let mut max_attempts = Vec::with_capacity(chunk.len());
+            let mut caches = Vec::with_capacity(chunk.len());
             for row in chunk {
                 ids.push(row.id);
                 models.push(row.task.model.as_str());
@@ -164,12 +170,13 @@ impl Store {
                 params.push(Json(&row.task.params));
                 metadata.push(row.task.metadata.as_ref());
                 max_attempts.push(row.task.max_attempts);
+                caches.push(row.task.cache);
             }
             sqlx::query(
-                "INSERT INTO tasks (id, batch_id, model, priority, status, input, params, metadata, max_attempts, created_at)
-                 SELECT u.id, $2, u.model, u.priority, 'queued', u.input, u.params, u.metadata, u.max_attempts, $9
-                 FROM UNNEST($1::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int4[])
-                   AS u(id, model, priority, input, params, metadata, max_attempts)",
+                "INSERT INTO tasks (id, batch_id, model, priority, status, input, params, metadata, max_attempts, cache, created_at)
+                 SELECT u.id, $2, u.model, u.priority, 'queued', u.input, u.params, u.metadata, u.max_attempts, u.cache, $9
+                 FROM UNNEST($1::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int4[], $10::bool[])
+                   AS u(id, model, priority, input, params, metadata, max_attempts, cache)",
             )
             .bind(&ids)
             .bind(batch_id)
@@ -180,6 +187,7 @@ impl Store {
             .bind(&metadata)
             .bind(&max_attempts)
             .bind(created_at)
+            .bind(&caches)
             .execute(&mut *tx)
             .await?;
         }
@@ -216,7 +224,7 @@ impl Store {
                  WHERE id = ANY($1)
                    AND (status = 'queued'
                         OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
-             RETURNING id, model, priority, input, params, attempts, max_attempts, created_at
+             RETURNING id, model, priority, input, params, attempts, max_attempts, cache, created_at
              ), opened AS (
                 INSERT INTO task_attempts (task_id, attempt) SELECT id, attempts FROM claimed
              )
@@ -237,7 +245,7 @@ impl Store {
         let query = match finish {
             Finish::Succeeded { result } => sqlx::query(
                 "WITH t AS (
-                    UPDATE tasks SET status = 'succeeded', result = $3, error = NULL,
+                    UPDATE tasks SET status = 'succeeded', result = $3, error = NULL, progress = NULL,
                                      finished_at = now(), lease_until = NULL
                      WHERE id = $1 AND attempts = $2 AND status = 'running'
                  RETURNING id, attempts
@@ -286,23 +294,75 @@ impl Store {
             .bind(id)
             .bind(attempt)
             .bind(error),
-            Finish::Released => sqlx::query(
+            Finish::Released { reason } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'queued', attempts = attempts - 1, lease_until = NULL
                      WHERE id = $1 AND attempts = $2 AND status = 'running'
                  RETURNING id, attempts + 1 AS attempt
                  ), h AS (
-                    UPDATE task_attempts a SET finished_at = now(), outcome = 'released',
-                           error = 'handed back on worker shutdown; not charged'
+                    UPDATE task_attempts a SET finished_at = now(), outcome = 'released', error = $3
                       FROM t WHERE a.task_id = t.id AND a.attempt = t.attempt AND a.finished_at IS NULL
                  )
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(attempt),
+            .bind(attempt)
+            .bind(reason),
         };
         let n: i64 = query.fetch_one(&self.pool).await?.try_get(0)?;
         Ok(n == 1)
+    }
+
+    /// Records how far running attempts have got (tokens streamed so far),
+    /// in one statement; fenced like every other write of an attempt.
+    pub async fn record_progress(&self, progress: &[(Uuid, i32, Value)]) -> Result<()> {
+        if progress.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = progress.iter().map(|p| p.0).collect();
+        let attempts: Vec<i32> = progress.iter().map(|p| p.1).collect();
+        let values: Vec<&Value> = progress.iter().map(|p| &p.2).collect();
+        sqlx::query(
+            "UPDATE tasks t SET progress = u.progress
+               FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, progress)
+              WHERE t.id = u.id AND t.attempts = u.attempt AND t.status = 'running'",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&values)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A cached result for this fingerprint, if one is younger than
+    /// `ttl_secs`.
+    pub async fn cached_result(
+        &self,
+        fingerprint: &[u8; 32],
+        ttl_secs: i64,
+    ) -> Result<Option<Value>> {
+        Ok(sqlx::query_scalar(
+            "SELECT result FROM result_cache
+              WHERE fingerprint = $1 AND created_at > now() - make_interval(secs => $2)",
+        )
+        .bind(fingerprint.as_slice())
+        .bind(ttl_secs as f64)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Stores (or refreshes) a result for this fingerprint.
+    pub async fn cache_result(&self, fingerprint: &[u8; 32], result: &Value) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO result_cache (fingerprint, result) VALUES ($1, $2)
+             ON CONFLICT (fingerprint) DO UPDATE SET result = EXCLUDED.result, created_at = now()",
+        )
+        .bind(fingerprint.as_slice())
+        .bind(result)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Extends the leases of tasks a worker still runs (its heartbeat), in

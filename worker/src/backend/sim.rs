@@ -75,13 +75,11 @@ impl Backend for SimBackend {
         let completion_tokens = text.split_whitespace().count() as u64;
         Ok(Inference {
             text,
-            finish_reason: if cut { "length" } else { "stop" }.to_owned(),
-            usage: Usage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: prompt_tokens + completion_tokens,
-            },
+            finish_reason: Some(if cut { "length" } else { "stop" }.to_owned()),
+            usage: Some(Usage::new(prompt_tokens, completion_tokens)),
             backend: self.name().to_owned(),
+            model: request.model.clone(),
+            timing: serde_json::Map::new(),
         })
     }
 }
@@ -99,6 +97,7 @@ mod tests {
             input: Input::Prompt("one two three".into()),
             params: params.as_object().cloned().unwrap_or_default(),
             attempt,
+            progress: Default::default(),
         }
     }
 
@@ -112,9 +111,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out.text, "sim: one two");
-        assert_eq!(out.finish_reason, "length");
-        assert_eq!(out.usage.prompt_tokens, 3);
-        assert_eq!(out.usage.completion_tokens, 3);
+        assert_eq!(out.finish_reason.as_deref(), Some("length"));
+        assert_eq!(out.usage, Some(Usage::new(3, 3)));
     }
 
     #[tokio::test]
