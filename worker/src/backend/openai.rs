@@ -7,7 +7,8 @@
 //! accumulates `choices[0].delta.content`, counts tokens as progress, and
 //! takes usage from the chunk that carries it (asked for with
 //! `stream_options.include_usage`, accepted without it too). A stream that
-//! ends before `data: [DONE]` was cut short: retryable.
+//! ends before `data: [DONE]`, or reaches it without a `finish_reason`, was
+//! cut short: retryable.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -165,6 +166,14 @@ async fn read_stream(
         }
         let event = std::mem::take(&mut data);
         if event.trim() == "[DONE]" {
+            // Every complete stream names why it finished; one that does
+            // not was interrupted (llama-cpp-python's server ends a stream
+            // this way when another request arrives).
+            if finish_reason.is_none() {
+                return Err(BackendError::retryable(
+                    "the stream ended without a finish_reason (interrupted)",
+                ));
+            }
             break;
         }
         let chunk: Value = serde_json::from_str(&event)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine of this kind: starts PostgreSQL
+# and Redis if needed, installs the small real model and its server (cached
+# under ~/.cache after the first time), then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/services.sh
+scripts/llm-server.sh install
+cargo nextest run --workspace "$@"
