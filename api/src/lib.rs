@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`routes`]: one module per resource (`tasks`, `batches`, `health`).
+//! - [`routes`]: one module per resource (`tasks`, `batches`, `health`);
+//!   `/metrics` renders the process's Prometheus recorder.
 //! - [`error`]: `ApiError`, the one mapping of failures to HTTP.
 //! - [`extract`]: our JSON body and id extractors (our error shape on bad
 //!   input).
@@ -25,11 +26,19 @@ pub struct AppState {
 
 /// The whole API. `max_body_bytes` caps every request body.
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+    // Install the recorder before the first request counts anything.
+    queue_core::telemetry::metrics();
     Router::new()
         .merge(routes::tasks::router())
         .merge(routes::batches::router())
         .merge(routes::health::router())
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { error::ApiError::NotFound { what: "route" } })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Prometheus text of this process's recorder.
+async fn metrics() -> String {
+    queue_core::telemetry::metrics().render()
 }

@@ -46,6 +46,14 @@ async fn main() -> anyhow::Result<()> {
         service: Service::new(store, queue),
     };
 
+    let metrics = queue_core::telemetry::metrics();
+    tokio::spawn(async move {
+        // Folds histograms into the rendered form.
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            metrics.run_upkeep();
+        }
+    });
     let listener = tokio::net::TcpListener::bind(&cli.api.bind)
         .await
         .with_context(|| format!("binding {}", cli.api.bind))?;

@@ -563,3 +563,37 @@ async fn redis_down_still_accepts_committed_tasks(pool: PgPool) {
         "not dispatched yet"
     );
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn metrics_count_submissions(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    api.post("/tasks", &json!({"model": "metered", "prompt": "x"}))
+        .await;
+    api.post("/batches", &json!({"tasks": [{"model": "metered", "prompt": "y"}, {"model": "metered", "prompt": "z"}]}))
+        .await;
+    let resp = api
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == r#"inferq_tasks_submitted_total{queue="metered"} 3"#),
+        "{text}"
+    );
+    api.service.queue.purge().await.unwrap();
+}

@@ -100,6 +100,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERQ_RECONCILE_PAGE", default_value_t = 5000)]
     pub reconcile_page: i64,
 
+    /// Serve Prometheus metrics at `http://<addr>/metrics` (e.g.
+    /// `0.0.0.0:9091`); unset, no metrics listener.
+    #[arg(long, env = "INFERQ_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
+
     /// Which queues go to which inference backend: JSON inline or
     /// `@path/to/backends.json` (see the README). Unset: `sim` for all.
     #[arg(long, env = "INFERQ_BACKENDS")]
@@ -158,6 +163,7 @@ impl Default for WorkerConfig {
             shutdown_grace_secs: 30,
             sweep: true,
             backends: None,
+            metrics_bind: None,
             cache_ttl_secs: 86_400,
             sweep_ms: 1000,
             reconcile_page: 5000,

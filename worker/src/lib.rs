@@ -6,10 +6,12 @@
 //! - [`pool`]: the fetch loop, the per-attempt runner, heartbeats, shutdown.
 //! - [`sweeper`]: reaper of lapsed leases and reconciler of Redis with
 //!   PostgreSQL, run by one leader at a time.
+//! - [`metrics`]: the `/metrics` listener.
 //! - [`backend`]: the `Backend` trait and its implementations (`sim` now;
 //!   OpenAI-compatible and Ollama next).
 
 pub mod backend;
+pub mod metrics;
 pub mod pool;
 pub mod sweeper;
 

@@ -34,6 +34,14 @@ async fn main() -> anyhow::Result<()> {
     store.migrate().await.context("applying migrations")?;
     let queue = Queue::connect(&cli.store).context("configuring Redis")?;
 
+    let metrics = queue_core::telemetry::metrics();
+    if let Some(bind) = &cli.worker.metrics_bind {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("binding the metrics listener {bind}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+        tokio::spawn(inferq_worker::metrics::serve(listener, metrics));
+    }
     let router = Router::from_config(cli.worker.backends.as_deref()).context("INFERQ_BACKENDS")?;
     let worker = Worker::with_router(store, queue, router, cli.worker);
     let shutdown = CancellationToken::new();

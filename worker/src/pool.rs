@@ -110,6 +110,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut fetcher = Fetcher::new(inner.config.queue_list());
         tracing::info!(concurrency = inner.config.concurrency, "worker started");
+        metrics::gauge!("inferq_worker_concurrency").set(inner.config.concurrency as f64);
 
         loop {
             let first = tokio::select! {
@@ -264,6 +265,7 @@ impl Fetcher {
                 );
                 tracker.spawn(run_attempt(inner.clone(), task, permit));
                 started += 1;
+                metrics::gauge!("inferq_worker_in_flight").increment(1.0);
             }
         }
         self.next = self.next.wrapping_add(1);
@@ -383,11 +385,13 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphore
                 // The task was taken from us (cancelled or re-leased):
                 // there is nothing of ours left to record.
                 inner.in_flight.lock().expect("lock").remove(&task.id);
+                metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
                 return;
             }
         };
         record(&inner, &task, finish).await;
         inner.in_flight.lock().expect("lock").remove(&task.id);
+        metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
     }
     .instrument(span)
     .await;
@@ -518,6 +522,13 @@ fn retry_or_fail(
 /// tells Redis when the task should run again, if it should.
 async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
     let write = || inner.store.finish(task.id, task.attempts, &finish);
+    let outcome = match &finish {
+        Finish::Succeeded { .. } => "succeeded",
+        Finish::Retry { .. } => "retried",
+        Finish::Failed { .. } => "failed",
+        Finish::Released { .. } => "released",
+    };
+    metrics::counter!("inferq_worker_attempts_total", "queue" => task.model.clone(), "outcome" => outcome).increment(1);
     let held = match write
         .retry(io_backoff())
         .when(queue_core::Error::is_unavailable)

@@ -391,3 +391,33 @@ async fn cached_results_skip_the_backend(pool: PgPool) {
     );
     svc.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn backend_metrics_count_requests_errors_tokens_and_breaker(pool: PgPool) {
+    let metrics = queue_core::telemetry::metrics();
+    let svc = testkit::service(pool);
+    let fake = FakeLlm::start().await;
+    let worker = start(&svc, router(&fake, "openai", false, 100));
+    let ok = submit(&svc, json!({"model": "fake", "prompt": "normal metrics"})).await;
+    let bad = submit(&svc, json!({"model": "fake", "prompt": "bad400 metrics"})).await;
+    finished(&svc, ok).await;
+    finished(&svc, bad).await;
+    worker.stop.cancel();
+    worker.handle.await.unwrap();
+    let text = metrics.render();
+    for line in [
+        r#"inferq_backend_requests_total{backend="fake-openai"} 2"#,
+        r#"inferq_backend_errors_total{backend="fake-openai",class="permanent"} 1"#,
+        r#"inferq_backend_tokens_total{backend="fake-openai",direction="in"} 9"#,
+        r#"inferq_backend_tokens_total{backend="fake-openai",direction="out"} 4"#,
+        r#"inferq_backend_breaker_state{backend="fake-openai"} 0"#,
+        r#"inferq_backend_latency_seconds_count{backend="fake-openai"} 2"#,
+        r#"inferq_worker_attempts_total{queue="fake",outcome="succeeded"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    svc.queue.purge().await.unwrap();
+}

@@ -36,7 +36,13 @@ async fn submit(
         .submit_batch_with_key(id, &batch, key.as_ref())
         .await?
     {
-        Submission::New(accepted) => (StatusCode::ACCEPTED, id, accepted.ids, accepted.created_at),
+        Submission::New(accepted) => {
+            for t in &batch.tasks {
+                metrics::counter!("inferq_tasks_submitted_total", "queue" => t.model.clone())
+                    .increment(1);
+            }
+            (StatusCode::ACCEPTED, id, accepted.ids, accepted.created_at)
+        }
         Submission::Replay(existing) => {
             let id = existing.batch_id.ok_or(ApiError::IdempotencyKeyReused)?;
             let batch = state

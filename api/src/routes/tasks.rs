@@ -35,6 +35,8 @@ async fn submit(
     match state.service.submit_with_key(&task, key.as_ref()).await? {
         Submission::New(accepted) => {
             let id = accepted.ids[0];
+            metrics::counter!("inferq_tasks_submitted_total", "queue" => task.model.clone())
+                .increment(1);
             Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({

@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::http::Timeouts;
-use super::limit::{Breaker, Limiter};
+use super::limit::{Breaker, BreakerState, Limiter};
 use super::ollama::{OllamaApi, OllamaBackend};
 use super::openai::OpenAiBackend;
 use super::sim::SimBackend;
@@ -152,6 +152,7 @@ impl Route {
             p = self.limiter.acquire() => p,
             () = cancel.cancelled() => return Called { result: Err(BackendError::Cancelled), outage: false },
         };
+        let started = std::time::Instant::now();
         let result =
             match tokio::time::timeout(self.total_timeout, self.backend.infer(request, cancel))
                 .await
@@ -176,7 +177,45 @@ impl Route {
             }
             Err(BackendError::Cancelled) => false,
         };
+        self.observe(&result, started.elapsed());
         Called { result, outage }
+    }
+
+    /// Per-backend metrics: requests, errors by class, latency, tokens,
+    /// breaker state and current limit.
+    fn observe(&self, result: &Result<Inference, BackendError>, took: Duration) {
+        let backend = self.name.clone();
+        metrics::counter!("inferq_backend_requests_total", "backend" => backend.clone())
+            .increment(1);
+        metrics::histogram!("inferq_backend_latency_seconds", "backend" => backend.clone())
+            .record(took.as_secs_f64());
+        match result {
+            Ok(answer) => {
+                if let Some(u) = &answer.usage {
+                    metrics::counter!("inferq_backend_tokens_total", "backend" => backend.clone(), "direction" => "in")
+                        .increment(u.prompt_tokens);
+                    metrics::counter!("inferq_backend_tokens_total", "backend" => backend.clone(), "direction" => "out")
+                        .increment(u.completion_tokens);
+                }
+            }
+            Err(e) => {
+                let class = match e {
+                    BackendError::Retryable { .. } => "retryable",
+                    BackendError::Permanent { .. } => "permanent",
+                    BackendError::Cancelled => "cancelled",
+                };
+                metrics::counter!("inferq_backend_errors_total", "backend" => backend.clone(), "class" => class)
+                    .increment(1);
+            }
+        }
+        let state = match self.breaker.state() {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        };
+        metrics::gauge!("inferq_backend_breaker_state", "backend" => backend.clone()).set(state);
+        metrics::gauge!("inferq_backend_concurrency_limit", "backend" => backend)
+            .set(self.limiter.limit() as f64);
     }
 }
 
