@@ -421,3 +421,50 @@ async fn backend_metrics_count_requests_errors_tokens_and_breaker(pool: PgPool) 
     }
     svc.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn ollama_generate_and_openai_api_keys(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let fake = FakeLlm::start().await;
+    let config: BackendsConfig = serde_json::from_value(json!({"backends": [
+        {"name": "gen", "kind": "ollama", "base_url": fake.base_url, "models": ["gen"], "ollama_api": "generate"},
+        {"name": "gen-stream", "kind": "ollama", "base_url": fake.base_url, "models": ["gen-stream"],
+         "ollama_api": "generate", "stream": true},
+        {"name": "keyed", "kind": "openai", "base_url": format!("{}/v1", fake.base_url), "models": ["keyed"],
+         "api_key": "sk-test-123"}
+    ]}))
+    .unwrap();
+    let worker = start(&svc, Router::build(&config).unwrap());
+    for model in ["gen", "gen-stream", "keyed"] {
+        let id = submit(
+            &svc,
+            json!({"model": model, "prompt": format!("normal {model}")}),
+        )
+        .await;
+        let (t, _) = finished(&svc, id).await;
+        assert_answered_as(model, &t, model);
+    }
+    worker.stop.cancel();
+    worker.handle.await.unwrap();
+    let heads = fake.heads.lock().unwrap().clone();
+    assert_eq!(heads[0], ("/api/generate".to_owned(), None));
+    assert_eq!(heads[1].0, "/api/generate");
+    assert_eq!(
+        heads[2],
+        (
+            "/v1/chat/completions".to_owned(),
+            Some("Bearer sk-test-123".to_owned())
+        ),
+        "a base URL ending in /v1 is not doubled, and the key is sent"
+    );
+    assert_eq!(fake.requests.lock().unwrap()[0]["prompt"], "normal gen");
+    svc.queue.purge().await.unwrap();
+}
+
+fn assert_answered_as(variant: &str, t: &TaskRecord, model: &str) {
+    assert_eq!(t.status, TaskStatus::Succeeded, "{variant}: {t:?}");
+    let r = t.result.as_ref().unwrap();
+    assert_eq!(r["text"], ANSWER.concat(), "{variant}");
+    assert_eq!(r["model"], model, "{variant}");
+    assert_eq!(r["usage"]["prompt_tokens"], PROMPT_TOKENS, "{variant}");
+}

@@ -29,6 +29,8 @@ pub struct FakeLlm {
     pub down: Arc<AtomicBool>,
     /// Requests received, for tests that count calls.
     pub requests: Arc<Mutex<Vec<Value>>>,
+    /// The path and `Authorization` header of each request.
+    pub heads: Arc<Mutex<Vec<(String, Option<String>)>>>,
 }
 
 impl FakeLlm {
@@ -39,6 +41,7 @@ impl FakeLlm {
             seen: Arc::default(),
             down: Arc::default(),
             requests: Arc::default(),
+            heads: Arc::default(),
         };
         let server = fake.clone();
         tokio::spawn(async move {
@@ -56,9 +59,11 @@ impl FakeLlm {
     }
 
     async fn serve(&self, mut socket: TcpStream) -> std::io::Result<()> {
-        let (path, body) = read_request(&mut socket).await?;
+        let (path, auth, body) = read_request(&mut socket).await?;
         let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         self.requests.lock().unwrap().push(request.clone());
+        self.heads.lock().unwrap().push((path.clone(), auth));
+        let generate = path == "/api/generate";
         if self.down.load(Ordering::SeqCst) {
             let body = r#"{"error":{"message":"server overloaded","type":"server_error","param":null,"code":null}}"#;
             return respond(&mut socket, "503 Service Unavailable", &[], body).await;
@@ -126,24 +131,44 @@ impl FakeLlm {
             }
             "slowfirst" => {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                self.answer(&mut socket, ollama, stream, &model, None).await
+                self.answer(&mut socket, ollama, generate, stream, &model, None)
+                    .await
             }
             "stall" if stream => {
-                self.answer(&mut socket, ollama, stream, &model, Some(Misstep::Stall))
-                    .await
+                self.answer(
+                    &mut socket,
+                    ollama,
+                    generate,
+                    stream,
+                    &model,
+                    Some(Misstep::Stall),
+                )
+                .await
             }
             "drop" if stream => {
-                self.answer(&mut socket, ollama, stream, &model, Some(Misstep::Drop))
+                self.answer(
+                    &mut socket,
+                    ollama,
+                    generate,
+                    stream,
+                    &model,
+                    Some(Misstep::Drop),
+                )
+                .await
+            }
+            _ => {
+                self.answer(&mut socket, ollama, generate, stream, &model, None)
                     .await
             }
-            _ => self.answer(&mut socket, ollama, stream, &model, None).await,
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn answer(
         &self,
         socket: &mut TcpStream,
         ollama: bool,
+        generate: bool,
         stream: bool,
         model: &str,
         misstep: Option<Misstep>,
@@ -158,6 +183,16 @@ impl FakeLlm {
                                  "logprobs": null, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion,
                               "total_tokens": PROMPT_TOKENS + completion}
+                });
+                respond(socket, "200 OK", &[], &body.to_string()).await
+            }
+            (true, false) if generate => {
+                let body = json!({
+                    "model": model, "created_at": "2023-08-04T19:22:45.499127Z",
+                    "response": ANSWER.concat(), "done": true, "done_reason": "stop",
+                    "context": [1, 2, 3], "total_duration": 10706818083u64, "load_duration": 6338219291u64,
+                    "prompt_eval_count": PROMPT_TOKENS, "prompt_eval_duration": 130079000,
+                    "eval_count": completion, "eval_duration": 4232710000u64
                 });
                 respond(socket, "200 OK", &[], &body.to_string()).await
             }
@@ -220,8 +255,13 @@ impl FakeLlm {
                     if i == 2 && misstep_now(socket, misstep).await? {
                         return Ok(());
                     }
-                    let line = json!({"model": model, "created_at": "2023-08-04T08:52:19.385406455-07:00",
-                                      "message": {"role": "assistant", "content": piece}, "done": false});
+                    let line = if generate {
+                        json!({"model": model, "created_at": "2023-08-04T08:52:19.385406455-07:00",
+                               "response": piece, "done": false})
+                    } else {
+                        json!({"model": model, "created_at": "2023-08-04T08:52:19.385406455-07:00",
+                               "message": {"role": "assistant", "content": piece}, "done": false})
+                    };
                     write_chunk(socket, &format!("{line}\n")).await?;
                 }
                 let last = json!({"model": model, "created_at": "2023-08-04T19:22:45.499127Z",
@@ -284,8 +324,11 @@ async fn respond(
     socket.flush().await
 }
 
-/// Reads one request: its path and body (by Content-Length).
-async fn read_request(socket: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
+/// Reads one request: its path, `Authorization` header and body (by
+/// Content-Length).
+async fn read_request(
+    socket: &mut TcpStream,
+) -> std::io::Result<(String, Option<String>, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 8192];
     let head_end = loop {
@@ -300,6 +343,11 @@ async fn read_request(socket: &mut TcpStream) -> std::io::Result<(String, Vec<u8
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let auth = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("authorization")
+            .then(|| v.trim().to_owned())
+    });
     let length: usize = head
         .lines()
         .find_map(|l| {
@@ -315,5 +363,5 @@ async fn read_request(socket: &mut TcpStream) -> std::io::Result<(String, Vec<u8
         }
         buf.extend_from_slice(&tmp[..n]);
     }
-    Ok((path, buf[head_end..].to_vec()))
+    Ok((path, auth, buf[head_end..].to_vec()))
 }
