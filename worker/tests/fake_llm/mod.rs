@@ -21,6 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub const ANSWER: [&str; 4] = ["Hello", " there", ", friend", "."];
 pub const PROMPT_TOKENS: u64 = 9;
 
+/// A request's path and `Authorization` header.
+pub type Head = (String, Option<String>);
+
 #[derive(Clone)]
 pub struct FakeLlm {
     pub base_url: String,
@@ -30,7 +33,7 @@ pub struct FakeLlm {
     /// Requests received, for tests that count calls.
     pub requests: Arc<Mutex<Vec<Value>>>,
     /// The path and `Authorization` header of each request.
-    pub heads: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    pub heads: Arc<Mutex<Vec<Head>>>,
 }
 
 impl FakeLlm {
