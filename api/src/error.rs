@@ -22,6 +22,12 @@ pub enum ApiError {
     /// A path parameter that cannot be an id.
     #[error("{field} is not a valid id")]
     BadId { field: &'static str },
+    /// A query parameter that cannot be what it names.
+    #[error("{message}")]
+    BadQuery {
+        field: &'static str,
+        message: &'static str,
+    },
     #[error("{what} not found")]
     NotFound { what: &'static str },
     #[error("task is already {status}; only unfinished tasks can be cancelled")]
@@ -58,6 +64,11 @@ impl IntoResponse for ApiError {
             ApiError::BadId { field } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_id",
+                Some((*field).to_owned()),
+            ),
+            ApiError::BadQuery { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
                 Some((*field).to_owned()),
             ),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),

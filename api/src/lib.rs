@@ -5,6 +5,7 @@
 //! - [`routes`]: one module per resource (`tasks`, `batches`, `health`);
 //!   `/metrics` renders the process's Prometheus recorder.
 //! - [`error`]: `ApiError`, the one mapping of failures to HTTP.
+//! - [`waiters`]: long-poll (`?wait=`) waiters woken by completion events.
 //! - [`extract`]: our JSON body and id extractors (our error shape on bad
 //!   input).
 //!
@@ -13,6 +14,9 @@
 pub mod error;
 pub mod extract;
 pub mod routes;
+pub mod waiters;
+
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -22,6 +26,18 @@ use queue_core::Service;
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub service: Service,
+    /// Long-poll waiters, woken by the completion-event subscription.
+    pub waiters: Arc<waiters::Waiters>,
+}
+
+impl AppState {
+    /// State over a service, with this process's subscription to
+    /// completion events running in the background.
+    pub fn new(service: Service) -> AppState {
+        let waiters = Arc::new(waiters::Waiters::default());
+        waiters::spawn_listener(service.queue.clone(), waiters.clone());
+        AppState { service, waiters }
+    }
 }
 
 /// The whole API. `max_body_bytes` caps every request body.

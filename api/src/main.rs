@@ -42,9 +42,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let queue = Queue::connect(&cli.store).context("configuring Redis")?;
-    let state = AppState {
-        service: Service::new(store, queue),
-    };
+    let state = AppState::new(Service::new(store, queue));
 
     let metrics = queue_core::telemetry::metrics();
     tokio::spawn(async move {

@@ -22,12 +22,7 @@ struct Api {
 impl Api {
     fn new(pool: PgPool, max_body: usize) -> Api {
         let service = testkit::service(pool);
-        let router = app(
-            AppState {
-                service: service.clone(),
-            },
-            max_body,
-        );
+        let router = app(AppState::new(service.clone()), max_body);
         Api { router, service }
     }
 
@@ -414,12 +409,7 @@ async fn postgres_down_is_503_and_nothing_is_dispatched(pool: PgPool) {
     let live = testkit::service(pool);
     let service = Service::new(queue_core::store::Store::new(dead), live.queue.clone());
     let api = Api {
-        router: app(
-            AppState {
-                service: service.clone(),
-            },
-            SMALL_LIMIT,
-        ),
+        router: app(AppState::new(service.clone()), SMALL_LIMIT),
         service: live,
     };
     let (status, resp) = api
@@ -540,7 +530,7 @@ async fn redis_down_still_accepts_committed_tasks(pool: PgPool) {
     .unwrap();
     let service = Service::new(live.store.clone(), dead_redis);
     let api = Api {
-        router: app(AppState { service }, SMALL_LIMIT),
+        router: app(AppState::new(service), SMALL_LIMIT),
         service: live,
     };
     let (status, body) = api
@@ -595,5 +585,117 @@ async fn metrics_count_submissions(pool: PgPool) {
             .any(|l| l == r#"inferq_tasks_submitted_total{queue="metered"} 3"#),
         "{text}"
     );
+    api.service.queue.purge().await.unwrap();
+}
+
+/// What a worker does when a task finishes: the fenced write, then the event.
+async fn finish_like_a_worker(svc: &Service, id: uuid::Uuid, batch: Option<uuid::Uuid>) {
+    let claimed = svc
+        .store
+        .claim(&[id], std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let done = queue_core::store::Finish::Succeeded {
+        result: json!({"text": "done"}),
+    };
+    assert!(
+        svc.store
+            .finish(id, claimed[0].attempts, &done)
+            .await
+            .unwrap()
+    );
+    let event = queue_core::queue::events::Finished { task: id, batch };
+    svc.queue.publish_finished(&[event]).await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn long_poll_answers_the_moment_the_task_finishes(pool: PgPool) {
+    let api = std::sync::Arc::new(Api::new(pool, SMALL_LIMIT));
+    let (_, t) = api
+        .post("/tasks", &json!({"model": "sim", "prompt": "x"}))
+        .await;
+    let id = uuid::Uuid::parse_str(t["id"].as_str().unwrap()).unwrap();
+    // Let the subscription come up before anything is published.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let waiter = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let (status, body) = api.get(&format!("/tasks/{id}?wait=20")).await;
+            (status, body, std::time::Instant::now())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the waiter waits while the task is queued"
+    );
+    finish_like_a_worker(&api.service, id, None).await;
+    let finished_at = std::time::Instant::now();
+    let (status, body, answered_at) = waiter.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "succeeded", "{body}");
+    let lag = answered_at.saturating_duration_since(finished_at);
+    assert!(
+        lag < std::time::Duration::from_millis(200),
+        "answered {lag:?} after the finish"
+    );
+    assert!(api.service.queue.depth("sim").await.is_ok());
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn long_poll_times_out_with_the_current_state(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let (_, t) = api
+        .post("/tasks", &json!({"model": "sim", "prompt": "x"}))
+        .await;
+    let id = t["id"].as_str().unwrap();
+    let start = std::time::Instant::now();
+    let (status, body) = api.get(&format!("/tasks/{id}?wait=0.5")).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("queued"))
+    );
+    assert!(start.elapsed() >= std::time::Duration::from_millis(500));
+    for bad in ["soon", "-3", ""] {
+        let (status, body) = api.get(&format!("/tasks/{id}?wait={bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "wait={bad}");
+        assert_eq!(error_of(&body), ("invalid_query", Some("wait")));
+    }
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn long_poll_on_a_batch_answers_when_its_last_task_finishes(pool: PgPool) {
+    let api = std::sync::Arc::new(Api::new(pool, SMALL_LIMIT));
+    let tasks = vec![json!({"model": "sim", "prompt": "x"}); 3];
+    let (_, b) = api.post("/batches", &json!({"tasks": tasks})).await;
+    let batch = uuid::Uuid::parse_str(b["id"].as_str().unwrap()).unwrap();
+    let ids: Vec<uuid::Uuid> = b["task_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| uuid::Uuid::parse_str(v.as_str().unwrap()).unwrap())
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let waiter = {
+        let api = api.clone();
+        tokio::spawn(async move { api.get(&format!("/batches/{batch}?wait=20")).await })
+    };
+    for id in &ids[..2] {
+        finish_like_a_worker(&api.service, *id, Some(batch)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "two of three done: still waiting");
+    finish_like_a_worker(&api.service, ids[2], Some(batch)).await;
+    let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(2), waiter)
+        .await
+        .expect("answered soon after the last task")
+        .unwrap();
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("completed"))
+    );
+    assert_eq!(body["counts"]["succeeded"], 3);
     api.service.queue.purge().await.unwrap();
 }

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::idempotency::IdempotencyKey;
+use crate::queue::events::Finished;
 use crate::queue::{Queue, ReadyEntry};
 use crate::store::{CancelOutcome, ExistingKey, Inserted, Row, Store};
 use crate::task::{AttemptRecord, BatchRecord, NewBatch, NewTask, TaskRecord, TaskStatus};
@@ -153,11 +154,18 @@ impl Service {
     /// Cancels a task that has not started and drops its ready id.
     pub async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
         let outcome = self.store.cancel(id).await?;
-        if let CancelOutcome::Cancelled(task) = &outcome
-            && let Err(e) = self.queue.remove_ready(&task.model, id).await
-        {
-            // Harmless: the claim skips cancelled tasks.
-            tracing::debug!(task_id = %id, error = %e, "could not drop cancelled id from redis");
+        if let CancelOutcome::Cancelled(task) = &outcome {
+            if let Err(e) = self.queue.remove_ready(&task.model, id).await {
+                // Harmless: the claim skips cancelled tasks.
+                tracing::debug!(task_id = %id, error = %e, "could not drop cancelled id from redis");
+            }
+            let finished = Finished {
+                task: id,
+                batch: task.batch_id,
+            };
+            if let Err(e) = self.queue.publish_finished(&[finished]).await {
+                tracing::debug!(task_id = %id, error = %e, "could not announce the cancel");
+            }
         }
         Ok(outcome)
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use backon::Retryable as _;
 use futures::FutureExt as _;
 use queue_core::config::WorkerConfig;
+use queue_core::queue::events::Finished;
 use queue_core::queue::{Popped, Queue, ReadyEntry};
 use queue_core::retry::{RetryPolicy, io_backoff};
 use queue_core::store::{ClaimedTask, Finish, Store};
@@ -565,7 +566,16 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 }])
                 .await
         }
-        Finish::Succeeded { .. } | Finish::Failed { .. } => Ok(()),
+        Finish::Succeeded { .. } | Finish::Failed { .. } => {
+            // Wakes long-polling clients at once.
+            inner
+                .queue
+                .publish_finished(&[Finished {
+                    task: task.id,
+                    batch: task.batch_id,
+                }])
+                .await
+        }
     };
     if let Err(e) = dispatch {
         tracing::warn!(error = %e, "could not dispatch the task again; the reconciler will");

@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use queue_core::queue::events::Finished;
 use queue_core::queue::{Queue, ReadyEntry, ScheduledEntry};
 use queue_core::store::{Leader, Store};
 use queue_core::task::{Priority, TaskStatus};
@@ -71,6 +72,17 @@ impl Sweeper {
             .collect();
         report.requeued = requeue.len();
         report.failed = reaped.len() - requeue.len();
+        let failed: Vec<Finished> = reaped
+            .iter()
+            .filter(|r| r.status == TaskStatus::Failed)
+            .map(|r| Finished {
+                task: r.id,
+                batch: r.batch_id,
+            })
+            .collect();
+        if let Err(e) = queue.publish_finished(&failed).await {
+            tracing::debug!(error = %e, "could not announce reaped failures");
+        }
         if let Err(e) = queue.push_ready(&requeue).await {
             // They are queued in PostgreSQL; the walk below re-adds them.
             tracing::warn!(error = %e, "could not push reaped tasks");

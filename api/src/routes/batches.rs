@@ -1,7 +1,7 @@
 //! `/batches`: submit up to 100,000 tasks at once (all or none), follow
 //! their progress.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -13,7 +13,8 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
-use crate::routes::tasks::idempotency_key;
+use crate::routes::tasks::{BAD_WAIT, idempotency_key};
+use crate::waiters::wait_param;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -67,14 +68,43 @@ async fn submit(
     ))
 }
 
-async fn show(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>> {
-    let batch = state
-        .service
-        .batch(id)
-        .await?
-        .ok_or(ApiError::NotFound { what: "batch" })?;
-    Ok(Json(batch_view(&batch)))
+/// `?wait=<seconds>` (up to 60) answers as soon as the batch completes, or
+/// with its progress when the wait ends. Each finished task of the batch
+/// wakes the waiter, which recounts at most every [`RECOUNT_EVERY`].
+async fn show(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>> {
+    let wait = wait_param(query.as_deref()).map_err(|()| BAD_WAIT)?;
+    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+    let watch = wait.map(|_| state.waiters.watch(id));
+    loop {
+        let woken = watch.as_ref().map(|w| w.notify.notified());
+        tokio::pin!(woken);
+        if let Some(w) = woken.as_mut().as_pin_mut() {
+            w.enable();
+        }
+        let batch = state
+            .service
+            .batch(id)
+            .await?
+            .ok_or(ApiError::NotFound { what: "batch" })?;
+        let (Some(deadline), Some(woken)) = (deadline, woken.as_pin_mut()) else {
+            return Ok(Json(batch_view(&batch)));
+        };
+        if batch.is_complete() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(batch_view(&batch)));
+        }
+        if tokio::time::timeout_at(deadline, woken).await.is_err() {
+            continue; // the deadline: one last count above
+        }
+        // Tasks of a batch finish in bursts; count once per burst.
+        tokio::time::sleep(RECOUNT_EVERY).await;
+    }
 }
+
+const RECOUNT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn batch_view(batch: &BatchRecord) -> Value {
     let counts: Map<String, Value> = TaskStatus::ALL

@@ -1,6 +1,6 @@
 //! `/tasks`: submit one task, read it back, cancel it.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
+use crate::waiters::wait_param;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -94,7 +95,33 @@ pub fn idempotency_key(
         .ok_or_else(invalid)
 }
 
-async fn show(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>> {
+/// `?wait=<seconds>` (up to 60) answers as soon as the task finishes, or
+/// with its state when the wait ends.
+async fn show(
+    State(state): State<AppState>,
+    IdPath(id): IdPath,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>> {
+    let wait = wait_param(query.as_deref()).map_err(|()| BAD_WAIT)?;
+    let watch = wait.map(|_| state.waiters.watch(id));
+    let woken = watch.as_ref().map(|w| w.notify.notified());
+    tokio::pin!(woken);
+    if let Some(w) = woken.as_mut().as_pin_mut() {
+        // Registered before reading, so a finish in between still wakes us.
+        w.enable();
+    }
+    let (task, history) = state
+        .service
+        .task(id)
+        .await?
+        .ok_or(ApiError::NotFound { what: "task" })?;
+    let (Some(wait), Some(woken)) = (wait, woken.as_pin_mut()) else {
+        return Ok(Json(task_view(&task, Some(&history))));
+    };
+    if task.status.is_terminal() {
+        return Ok(Json(task_view(&task, Some(&history))));
+    }
+    let _ = tokio::time::timeout(wait, woken).await;
     let (task, history) = state
         .service
         .task(id)
@@ -102,6 +129,11 @@ async fn show(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<
         .ok_or(ApiError::NotFound { what: "task" })?;
     Ok(Json(task_view(&task, Some(&history))))
 }
+
+pub const BAD_WAIT: ApiError = ApiError::BadQuery {
+    field: "wait",
+    message: "wait must be a number of seconds (0 to 60; larger values are clamped)",
+};
 
 async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>> {
     match state.service.cancel(id).await? {

@@ -15,6 +15,8 @@
 //! `<prefix>:queues` is the set of queue names a worker serving "every
 //! queue" walks.
 
+pub mod events;
+
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -74,6 +76,8 @@ pub struct Popped {
 pub struct Queue {
     pool: Pool,
     prefix: String,
+    /// For the dedicated pub/sub connection of [`events`].
+    url: String,
 }
 
 impl std::fmt::Debug for Queue {
@@ -121,6 +125,7 @@ impl Queue {
         Ok(Queue {
             pool,
             prefix: config.key_prefix.clone(),
+            url: config.redis_url.clone(),
         })
     }
 

@@ -33,6 +33,7 @@ impl Leader {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Reaped {
     pub id: Uuid,
+    pub batch_id: Option<Uuid>,
     pub model: String,
     pub priority: i16,
     /// `queued` to run again, or `failed` when that was its last attempt.
@@ -79,14 +80,14 @@ impl Store {
                        finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                        lease_until = NULL
                   FROM expired WHERE tasks.id = expired.id
-             RETURNING tasks.id, tasks.model, tasks.priority, tasks.status, tasks.attempts, tasks.created_at
+             RETURNING tasks.id, tasks.batch_id, tasks.model, tasks.priority, tasks.status, tasks.attempts, tasks.created_at
              ), h AS (
                 UPDATE task_attempts a SET finished_at = now(),
                        outcome = CASE WHEN t.status = 'failed' THEN 'failed' ELSE 'lease_expired' END,
                        error = 'lease expired: the worker running it stopped answering'
                   FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
              )
-             SELECT id, model, priority, status, created_at FROM t",
+             SELECT id, batch_id, model, priority, status, created_at FROM t",
         )
         .bind(limit)
         .fetch_all(&self.pool)

@@ -24,6 +24,7 @@ const TASK_COLUMNS: &str = "id, batch_id, model, priority, status, input, params
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ClaimedTask {
     pub id: Uuid,
+    pub batch_id: Option<Uuid>,
     pub model: String,
     pub priority: i16,
     pub input: Json<Input>,
@@ -224,7 +225,7 @@ impl Store {
                  WHERE id = ANY($1)
                    AND (status = 'queued'
                         OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
-             RETURNING id, model, priority, input, params, attempts, max_attempts, cache, created_at
+             RETURNING id, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at
              ), opened AS (
                 INSERT INTO task_attempts (task_id, attempt) SELECT id, attempts FROM claimed
              )

@@ -1,0 +1,156 @@
+//! Long-poll waiters: requests parked until a task (or a batch) finishes.
+//!
+//! One Redis subscription per API process (see `queue_core::queue::events`)
+//! feeds this registry, which wakes every waiter of a finished task or of
+//! its batch; a waiter then reads PostgreSQL once. An idle waiter costs a
+//! parked future and a map entry, and no query at all until it is woken or
+//! its wait ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use queue_core::queue::Queue;
+use queue_core::queue::events::Event;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// Longest `?wait=` honoured, in seconds; larger values are clamped.
+pub const MAX_WAIT_SECS: f64 = 60.0;
+
+#[derive(Debug, Default)]
+pub struct Waiters {
+    map: Mutex<HashMap<Uuid, Arc<Notify>>>,
+}
+
+/// A registration; dropping it forgets the entry once no one else waits.
+pub struct Watch<'a> {
+    waiters: &'a Waiters,
+    id: Uuid,
+    pub notify: Arc<Notify>,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut map = self.waiters.map.lock().expect("lock");
+        // The map holds one reference and this watch another: the last
+        // watch of this id removes the entry.
+        if Arc::strong_count(&self.notify) == 2 {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl Waiters {
+    pub fn watch(&self, id: Uuid) -> Watch<'_> {
+        let notify = self
+            .map
+            .lock()
+            .expect("lock")
+            .entry(id)
+            .or_default()
+            .clone();
+        Watch {
+            waiters: self,
+            id,
+            notify,
+        }
+    }
+
+    pub fn wake(&self, id: Uuid) {
+        if let Some(n) = self.map.lock().expect("lock").get(&id) {
+            n.notify_waiters();
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for n in self.map.lock().expect("lock").values() {
+            n.notify_waiters();
+        }
+    }
+
+    /// Ids being waited on (tests and metrics).
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Keeps this process subscribed to completion events, reconnecting with
+/// a short pause when Redis goes away.
+pub fn spawn_listener(queue: Queue, waiters: Arc<Waiters>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut deliver = |event: Event| match event {
+                Event::Finished(f) => {
+                    waiters.wake(f.task);
+                    if let Some(b) = f.batch {
+                        waiters.wake(b);
+                    }
+                }
+                Event::Resubscribed => waiters.wake_all(),
+            };
+            if let Err(e) = queue.listen(&mut deliver).await {
+                tracing::debug!(error = %e, "completion events unavailable; retrying");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// `?wait=<seconds>` from a raw query: `None` when absent, clamped to
+/// [`MAX_WAIT_SECS`], `Err` when it is not a non-negative number.
+pub fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ()> {
+    let Some(query) = query else { return Ok(None) };
+    let Some(raw) = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find_map(|(k, v)| (k == "wait").then_some(v))
+    else {
+        return Ok(None);
+    };
+    match raw.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Ok(Some(Duration::from_secs_f64(secs.min(MAX_WAIT_SECS))))
+        }
+        _ => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_is_parsed_clamped_and_checked() {
+        assert_eq!(wait_param(None), Ok(None));
+        assert_eq!(wait_param(Some("x=1")), Ok(None));
+        assert_eq!(
+            wait_param(Some("wait=2.5")),
+            Ok(Some(Duration::from_millis(2500)))
+        );
+        assert_eq!(
+            wait_param(Some("a=b&wait=600")),
+            Ok(Some(Duration::from_secs(60)))
+        );
+        assert_eq!(wait_param(Some("wait=soon")), Err(()));
+        assert_eq!(wait_param(Some("wait=-1")), Err(()));
+        assert_eq!(wait_param(Some("wait=")), Err(()));
+    }
+
+    #[test]
+    fn entries_are_forgotten_with_their_last_watch() {
+        let w = Waiters::default();
+        let id = Uuid::now_v7();
+        let a = w.watch(id);
+        let b = w.watch(id);
+        assert_eq!(w.len(), 1);
+        drop(a);
+        assert_eq!(w.len(), 1);
+        drop(b);
+        assert!(w.is_empty());
+    }
+}
