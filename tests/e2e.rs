@@ -173,3 +173,80 @@ async fn migrate_command_applies_the_schema_and_exits() {
         .unwrap();
     assert!(again.status.success());
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_long_polls_on_one_api_process() {
+    const WAITERS: usize = 10_000;
+    let env = Env::new("waiters");
+    let api = env.api(&[]).await;
+    let pid = api.child.id().unwrap();
+    let tasks: Vec<Value> = (0..100)
+        .map(|i| json!({"model": "sim", "prompt": format!("w{i}")}))
+        .collect();
+    let (_, batch) = api.post("/batches", &json!({"tasks": tasks})).await;
+    let ids: Vec<String> = batch["task_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    let before = rss_kib(pid);
+
+    // One connection per waiter, as 10,000 separate clients would have.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut waiters = tokio::task::JoinSet::new();
+    for i in 0..WAITERS {
+        let url = api.url(&format!("/tasks/{}?wait=60", ids[i % ids.len()]));
+        let client = client.clone();
+        waiters.spawn(async move {
+            let resp = client.get(url).send().await.unwrap();
+            let code = resp.status().as_u16();
+            let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+            match body["status"].as_str() {
+                Some(s) => s.to_owned(),
+                None => format!("{code} {body}"),
+            }
+        });
+        if i % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(50)).await; // under the accept backlog
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let parked = rss_kib(pid);
+    assert_eq!(waiters.len(), WAITERS, "every waiter is still parked");
+
+    let started = std::time::Instant::now();
+    let _worker = env.worker("worker.log", &[]);
+    let mut succeeded = 0;
+    let mut other = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(status) = waiters.join_next().await {
+        let status = status.unwrap();
+        if status == "succeeded" {
+            succeeded += 1;
+        } else {
+            *other.entry(status).or_default() += 1;
+        }
+    }
+    println!("LONGPOLL other answers: {other:?}");
+    let answered_in = started.elapsed();
+    println!(
+        "LONGPOLL {WAITERS} waiters: api rss {} KiB idle -> {} KiB parked ({:.1} KiB per waiter); all answered {:.2}s after the worker started",
+        before,
+        parked,
+        (parked.saturating_sub(before)) as f64 / WAITERS as f64,
+        answered_in.as_secs_f64()
+    );
+    assert_eq!(succeeded, WAITERS, "every waiter saw its task succeed");
+}

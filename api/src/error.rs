@@ -96,7 +96,7 @@ impl IntoResponse for ApiError {
         let message = match &self {
             ApiError::Invalid(e) => e.message.clone(),
             ApiError::Core(e) if e.is_unavailable() => {
-                "a store is unavailable; nothing was accepted, try again".to_owned()
+                "a store is unavailable; nothing was changed, try again".to_owned()
             }
             ApiError::Core(_) => "internal error".to_owned(),
             other => other.to_string(),

@@ -20,14 +20,28 @@ pub const MAX_WAIT_SECS: f64 = 60.0;
 
 #[derive(Debug, Default)]
 pub struct Waiters {
-    map: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    map: Mutex<HashMap<Uuid, Arc<Entry>>>,
+}
+
+/// What the waiters of one id share.
+#[derive(Debug, Default)]
+pub struct Entry {
+    pub notify: Notify,
+    /// The finished task's answer, read once for all its waiters: when a
+    /// task with thousands of waiters finishes, PostgreSQL sees one read,
+    /// not thousands.
+    pub finished: tokio::sync::OnceCell<serde_json::Value>,
+    /// A read since the last wake found the task unfinished, so a new
+    /// waiter can park without reading again. Cleared by every wake, before
+    /// the waiters are notified, so no finish can slip between.
+    pub known_unfinished: std::sync::atomic::AtomicBool,
 }
 
 /// A registration; dropping it forgets the entry once no one else waits.
 pub struct Watch<'a> {
     waiters: &'a Waiters,
     id: Uuid,
-    pub notify: Arc<Notify>,
+    pub entry: Arc<Entry>,
 }
 
 impl Drop for Watch<'_> {
@@ -35,7 +49,7 @@ impl Drop for Watch<'_> {
         let mut map = self.waiters.map.lock().expect("lock");
         // The map holds one reference and this watch another: the last
         // watch of this id removes the entry.
-        if Arc::strong_count(&self.notify) == 2 {
+        if Arc::strong_count(&self.entry) == 2 {
             map.remove(&self.id);
         }
     }
@@ -43,7 +57,7 @@ impl Drop for Watch<'_> {
 
 impl Waiters {
     pub fn watch(&self, id: Uuid) -> Watch<'_> {
-        let notify = self
+        let entry = self
             .map
             .lock()
             .expect("lock")
@@ -53,19 +67,23 @@ impl Waiters {
         Watch {
             waiters: self,
             id,
-            notify,
+            entry,
         }
     }
 
     pub fn wake(&self, id: Uuid) {
-        if let Some(n) = self.map.lock().expect("lock").get(&id) {
-            n.notify_waiters();
+        if let Some(e) = self.map.lock().expect("lock").get(&id) {
+            e.known_unfinished
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            e.notify.notify_waiters();
         }
     }
 
     pub fn wake_all(&self) {
-        for n in self.map.lock().expect("lock").values() {
-            n.notify_waiters();
+        for e in self.map.lock().expect("lock").values() {
+            e.known_unfinished
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            e.notify.notify_waiters();
         }
     }
 

@@ -80,7 +80,7 @@ async fn show(
     let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let watch = wait.map(|_| state.waiters.watch(id));
     loop {
-        let woken = watch.as_ref().map(|w| w.notify.notified());
+        let woken = watch.as_ref().map(|w| w.entry.notify.notified());
         tokio::pin!(woken);
         if let Some(w) = woken.as_mut().as_pin_mut() {
             w.enable();

@@ -1,5 +1,7 @@
 //! `/tasks`: submit one task, read it back, cancel it.
 
+use std::sync::atomic::Ordering;
+
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -103,31 +105,68 @@ async fn show(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>> {
     let wait = wait_param(query.as_deref()).map_err(|()| BAD_WAIT)?;
-    let watch = wait.map(|_| state.waiters.watch(id));
-    let woken = watch.as_ref().map(|w| w.notify.notified());
-    tokio::pin!(woken);
-    if let Some(w) = woken.as_mut().as_pin_mut() {
-        // Registered before reading, so a finish in between still wakes us.
-        w.enable();
-    }
-    let (task, history) = state
-        .service
-        .task(id)
-        .await?
-        .ok_or(ApiError::NotFound { what: "task" })?;
-    let (Some(wait), Some(woken)) = (wait, woken.as_pin_mut()) else {
-        return Ok(Json(task_view(&task, Some(&history))));
+    let Some(wait) = wait else {
+        return Ok(Json(read_view(&state, id).await?));
     };
-    if task.status.is_terminal() {
-        return Ok(Json(task_view(&task, Some(&history))));
+    let watch = state.waiters.watch(id);
+    let woken = watch.entry.notify.notified();
+    tokio::pin!(woken);
+    // Registered before reading, so a finish in between still wakes us.
+    woken.as_mut().enable();
+    if let Some(view) = watch.entry.finished.get() {
+        return Ok(Json(view.clone()));
     }
-    let _ = tokio::time::timeout(wait, woken).await;
+    // Thousands of waiters on one task arriving together read it once.
+    if !watch.entry.known_unfinished.load(Ordering::SeqCst) {
+        let view = read_view(&state, id).await?;
+        if is_terminal(&view) {
+            return Ok(Json(view));
+        }
+        watch.entry.known_unfinished.store(true, Ordering::SeqCst);
+    }
+    if tokio::time::timeout(wait, woken).await.is_err() {
+        return Ok(Json(read_view(&state, id).await?));
+    }
+    // Woken: the first waiter reads, the others of this task share it.
+    let view = watch
+        .entry
+        .finished
+        .get_or_try_init(|| async {
+            let view = read_view(&state, id).await.map_err(Reread::Failed)?;
+            if is_terminal(&view) {
+                Ok(view)
+            } else {
+                Err(Reread::NotFinished(view))
+            }
+        })
+        .await;
+    match view {
+        Ok(v) => Ok(Json(v.clone())),
+        // A wake without a finish (the subscription restarted).
+        Err(Reread::NotFinished(v)) => Ok(Json(v)),
+        Err(Reread::Failed(e)) => Err(e),
+    }
+}
+
+enum Reread {
+    Failed(ApiError),
+    NotFinished(Value),
+}
+
+fn is_terminal(view: &Value) -> bool {
+    matches!(
+        view["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+async fn read_view(state: &AppState, id: uuid::Uuid) -> Result<Value> {
     let (task, history) = state
         .service
         .task(id)
         .await?
         .ok_or(ApiError::NotFound { what: "task" })?;
-    Ok(Json(task_view(&task, Some(&history))))
+    Ok(task_view(&task, Some(&history)))
 }
 
 pub const BAD_WAIT: ApiError = ApiError::BadQuery {
