@@ -13,6 +13,8 @@ use std::time::Duration;
 use queue_core::queue::Queue;
 use queue_core::queue::events::Event;
 use tokio::sync::Notify;
+
+use crate::error::ApiError;
 use uuid::Uuid;
 
 /// Longest `?wait=` honoured, in seconds; larger values are clamped.
@@ -120,8 +122,9 @@ pub fn spawn_listener(queue: Queue, waiters: Arc<Waiters>) -> tokio::task::JoinH
 }
 
 /// `?wait=<seconds>` from a raw query: `None` when absent, clamped to
-/// [`MAX_WAIT_SECS`], `Err` when it is not a non-negative number.
-pub fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ()> {
+/// [`MAX_WAIT_SECS`], a 400 naming `wait` when it is not a non-negative
+/// number.
+pub fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
     let Some(query) = query else { return Ok(None) };
     let Some(raw) = query
         .split('&')
@@ -134,7 +137,10 @@ pub fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ()> {
         Ok(secs) if secs.is_finite() && secs >= 0.0 => {
             Ok(Some(Duration::from_secs_f64(secs.min(MAX_WAIT_SECS))))
         }
-        _ => Err(()),
+        _ => Err(ApiError::BadQuery {
+            field: "wait",
+            message: "wait must be a number of seconds (0 to 60; larger values are clamped)",
+        }),
     }
 }
 

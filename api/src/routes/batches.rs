@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
-use crate::routes::tasks::{BAD_WAIT, idempotency_key};
+use crate::routes::tasks::idempotency_key;
 use crate::waiters::wait_param;
 
 pub fn router() -> Router<AppState> {
@@ -76,7 +76,7 @@ async fn show(
     IdPath(id): IdPath,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>> {
-    let wait = wait_param(query.as_deref()).map_err(|()| BAD_WAIT)?;
+    let wait = wait_param(query.as_deref())?;
     let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let watch = wait.map(|_| state.waiters.watch(id));
     loop {

@@ -104,7 +104,7 @@ async fn show(
     IdPath(id): IdPath,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>> {
-    let wait = wait_param(query.as_deref()).map_err(|()| BAD_WAIT)?;
+    let wait = wait_param(query.as_deref())?;
     let Some(wait) = wait else {
         return Ok(Json(read_view(&state, id).await?));
     };
@@ -168,11 +168,6 @@ async fn read_view(state: &AppState, id: uuid::Uuid) -> Result<Value> {
         .ok_or(ApiError::NotFound { what: "task" })?;
     Ok(task_view(&task, Some(&history)))
 }
-
-pub const BAD_WAIT: ApiError = ApiError::BadQuery {
-    field: "wait",
-    message: "wait must be a number of seconds (0 to 60; larger values are clamped)",
-};
 
 async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>> {
     match state.service.cancel(id).await? {
