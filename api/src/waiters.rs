@@ -150,19 +150,25 @@ mod tests {
 
     #[test]
     fn wait_is_parsed_clamped_and_checked() {
-        assert_eq!(wait_param(None), Ok(None));
-        assert_eq!(wait_param(Some("x=1")), Ok(None));
+        assert_eq!(wait_param(None).unwrap(), None);
+        assert_eq!(wait_param(Some("x=1")).unwrap(), None);
         assert_eq!(
-            wait_param(Some("wait=2.5")),
-            Ok(Some(Duration::from_millis(2500)))
+            wait_param(Some("wait=2.5")).unwrap(),
+            Some(Duration::from_millis(2500))
         );
         assert_eq!(
-            wait_param(Some("a=b&wait=600")),
-            Ok(Some(Duration::from_secs(60)))
+            wait_param(Some("a=b&wait=600")).unwrap(),
+            Some(Duration::from_secs(60))
         );
-        assert_eq!(wait_param(Some("wait=soon")), Err(()));
-        assert_eq!(wait_param(Some("wait=-1")), Err(()));
-        assert_eq!(wait_param(Some("wait=")), Err(()));
+        for bad in ["wait=soon", "wait=-1", "wait="] {
+            assert!(
+                matches!(
+                    wait_param(Some(bad)),
+                    Err(ApiError::BadQuery { field: "wait", .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
