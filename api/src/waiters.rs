@@ -37,6 +37,9 @@ pub struct Entry {
     /// waiter can park without reading again. Cleared by every wake, before
     /// the waiters are notified, so no finish can slip between.
     pub known_unfinished: std::sync::atomic::AtomicBool,
+    /// Held while one waiter reads, so waiters arriving together wait for
+    /// its answer instead of all reading.
+    pub reading: tokio::sync::Mutex<()>,
 }
 
 /// A registration; dropping it forgets the entry once no one else waits.

@@ -118,11 +118,18 @@ async fn show(
     }
     // Thousands of waiters on one task arriving together read it once.
     if !watch.entry.known_unfinished.load(Ordering::SeqCst) {
-        let view = read_view(&state, id).await?;
-        if is_terminal(&view) {
-            return Ok(Json(view));
+        let _reading = watch.entry.reading.lock().await;
+        if let Some(view) = watch.entry.finished.get() {
+            return Ok(Json(view.clone()));
         }
-        watch.entry.known_unfinished.store(true, Ordering::SeqCst);
+        if !watch.entry.known_unfinished.load(Ordering::SeqCst) {
+            let view = read_view(&state, id).await?;
+            if is_terminal(&view) {
+                let _ = watch.entry.finished.set(view.clone());
+                return Ok(Json(view));
+            }
+            watch.entry.known_unfinished.store(true, Ordering::SeqCst);
+        }
     }
     if tokio::time::timeout(wait, woken).await.is_err() {
         return Ok(Json(read_view(&state, id).await?));
