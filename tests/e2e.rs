@@ -250,3 +250,92 @@ async fn ten_thousand_long_polls_on_one_api_process() {
     );
     assert_eq!(succeeded, WAITERS, "every waiter saw its task succeed");
 }
+
+#[tokio::test]
+async fn the_cli_submits_waits_runs_batches_and_generates_load() {
+    let env = Env::new("cli");
+    let api = env.api(&[]).await;
+    let _worker = env.worker("worker.log", &[]);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(inferq_e2e::binary("inferq"))
+            .arg("--url")
+            .arg(&api.base)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let out = cli(&[
+        "submit",
+        "--model",
+        "sim",
+        "--prompt",
+        "from the cli",
+        "--wait",
+        "30",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let task: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(task["result"]["text"], "sim: from the cli");
+
+    let file = std::env::temp_dir().join(format!("inferq-cli-{}.jsonl", uuid::Uuid::now_v7()));
+    std::fs::write(
+        &file,
+        "{\"model\":\"sim\",\"prompt\":\"one\"}\n{\"model\":\"sim\",\"prompt\":\"two\"}\n",
+    )
+    .unwrap();
+    let out = cli(&["batch", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let texts: Vec<_> = lines.iter().map(|l| l["result"]["text"].clone()).collect();
+    assert_eq!(
+        texts,
+        vec![json!("sim: one"), json!("sim: two")],
+        "results in input order"
+    );
+
+    let out = cli(&[
+        "load",
+        "--rate",
+        "50",
+        "--duration",
+        "2",
+        "--e2e",
+        "--p95-ms",
+        "5000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["errors"], 0, "{summary}");
+    let ok = summary["ok"].as_u64().unwrap();
+    assert!((90..=110).contains(&ok), "about 50/s for 2 s: {summary}");
+    assert!(summary["e2e"]["p50_ms"].as_f64().unwrap() > 0.0);
+
+    // An SLA that cannot hold sets the exit code.
+    let out = cli(&[
+        "load",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--p95-ms",
+        "0.001",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SLA failed"));
+}

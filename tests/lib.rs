@@ -23,8 +23,17 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--bins", "-p", "inferq-api", "-p", "inferq-worker"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "inferq-api",
+            "-p",
+            "inferq-worker",
+            "-p",
+            "inferq",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
         if dir.file_name().is_some_and(|p| p == "release") {
             cmd.arg("--release");
         }

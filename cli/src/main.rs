@@ -1,0 +1,197 @@
+//! `inferq`: the command line for inferq's HTTP API, so a user never needs
+//! curl. `submit`, `status`, `wait`, `batch FILE.jsonl`, and `load`, a load
+//! generator with a constant arrival rate (like k6's), HDR histograms and
+//! SLA gates that set the exit code.
+
+mod load;
+
+use std::io::BufRead as _;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(name = "inferq", version, about = "inferq command line")]
+struct Cli {
+    /// The API's base URL.
+    #[arg(
+        long,
+        env = "INFERQ_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Submit one task and print what the API answered.
+    Submit {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// Params passed to the backend, as a JSON object.
+        #[arg(long)]
+        params: Option<String>,
+        /// Then wait for the result, up to this many seconds.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// Print a task.
+    Status { id: String },
+    /// Wait until a task finishes and print it.
+    Wait {
+        id: String,
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+    },
+    /// Submit every line of a JSONL file (one task object per line) as one
+    /// batch, show progress until it completes, then print the results as
+    /// JSONL.
+    Batch { file: std::path::PathBuf },
+    /// Generate load: see `inferq load --help`.
+    Load(load::LoadArgs),
+}
+
+async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("HTTP {status}: {body}");
+    }
+    Ok(body)
+}
+
+async fn wait_task(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let task = check(http.get(format!("{url}/tasks/{id}?wait=60")).send().await?).await?;
+        if matches!(
+            task["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return Ok(task);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("task {id} is still {} after {timeout:?}", task["status"]);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let http = reqwest::Client::new();
+    let url = cli.url.trim_end_matches('/').to_owned();
+    match cli.command {
+        Command::Submit {
+            model,
+            prompt,
+            priority,
+            params,
+            wait,
+        } => {
+            let mut body = json!({"model": model, "prompt": prompt, "priority": priority});
+            if let Some(p) = params {
+                body["params"] =
+                    serde_json::from_str(&p).context("--params must be a JSON object")?;
+            }
+            let accepted =
+                check(http.post(format!("{url}/tasks")).json(&body).send().await?).await?;
+            match wait {
+                None => println!("{accepted}"),
+                Some(secs) => {
+                    let id = accepted["id"].as_str().unwrap_or_default();
+                    println!(
+                        "{}",
+                        wait_task(&http, &url, id, Duration::from_secs(secs)).await?
+                    );
+                }
+            }
+        }
+        Command::Status { id } => println!(
+            "{}",
+            check(http.get(format!("{url}/tasks/{id}")).send().await?).await?
+        ),
+        Command::Wait { id, timeout_secs } => {
+            println!(
+                "{}",
+                wait_task(&http, &url, &id, Duration::from_secs(timeout_secs)).await?
+            );
+        }
+        Command::Batch { file } => {
+            let reader = std::io::BufReader::new(
+                std::fs::File::open(&file).with_context(|| file.display().to_string())?,
+            );
+            let mut tasks = Vec::new();
+            for (n, line) in reader.lines().enumerate() {
+                let line = line?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                tasks.push(
+                    serde_json::from_str::<Value>(&line)
+                        .with_context(|| format!("line {}", n + 1))?,
+                );
+            }
+            let batch = check(
+                http.post(format!("{url}/batches"))
+                    .json(&json!({"tasks": tasks}))
+                    .send()
+                    .await?,
+            )
+            .await?;
+            let id = batch["id"].as_str().unwrap_or_default().to_owned();
+            loop {
+                let b = check(
+                    http.get(format!("{url}/batches/{id}?wait=2"))
+                        .send()
+                        .await?,
+                )
+                .await?;
+                let c = &b["counts"];
+                let done = ["succeeded", "failed", "cancelled"]
+                    .iter()
+                    .map(|k| c[k].as_u64().unwrap_or(0))
+                    .sum::<u64>();
+                eprint!(
+                    "\rbatch {id}: {done}/{} done ({} failed)   ",
+                    b["total"], c["failed"]
+                );
+                if b["status"] == "completed" {
+                    eprintln!();
+                    break;
+                }
+            }
+            for task_id in batch["task_ids"].as_array().into_iter().flatten() {
+                let t = check(
+                    http.get(format!(
+                        "{url}/tasks/{}",
+                        task_id.as_str().unwrap_or_default()
+                    ))
+                    .send()
+                    .await?,
+                )
+                .await?;
+                println!(
+                    "{}",
+                    json!({"id": t["id"], "status": t["status"], "result": t["result"], "error": t["error"]})
+                );
+            }
+        }
+        Command::Load(args) => std::process::exit(load::run(&url, args).await?),
+    }
+    Ok(())
+}
