@@ -171,8 +171,13 @@ pub async fn run(url: &str, args: LoadArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let generated = started.elapsed();
+    // Open model: the rate is over the time requests were started; closed
+    // model: over the time the connections ran.
+    let mut generated = started.elapsed();
     while tasks.join_next().await.is_some() {}
+    if args.connections.is_some() {
+        generated = started.elapsed();
+    }
     let s = stats.lock().unwrap();
     let total = s.ok + s.errors;
     let error_rate = if total == 0 {
