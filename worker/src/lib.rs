@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`pool`]: the fetch loop, the per-attempt runner, heartbeats, shutdown.
+//! - [`completer`]: successful attempts written in batches.
 //! - [`sweeper`]: reaper of lapsed leases and reconciler of Redis with
 //!   PostgreSQL, run by one leader at a time.
 //! - [`metrics`]: the `/metrics` listener.
@@ -11,6 +12,7 @@
 //!   OpenAI-compatible and Ollama next).
 
 pub mod backend;
+pub mod completer;
 pub mod metrics;
 pub mod pool;
 pub mod sweeper;

@@ -58,6 +58,10 @@ struct Inner {
     in_flight: Mutex<HashMap<Uuid, InFlight>>,
     /// Fired when the grace period of a shutdown has run out.
     hard_stop: CancellationToken,
+    /// Successful attempts go to the completer, which writes them in
+    /// batches; taken (once) by `run`.
+    completions: crate::completer::Sender,
+    completions_rx: Mutex<Option<tokio::sync::mpsc::Receiver<crate::completer::Done>>>,
 }
 
 /// A worker process's pool. Cheap to clone.
@@ -80,8 +84,11 @@ impl Worker {
     /// A pool that routes each queue to its configured backend.
     pub fn with_router(store: Store, queue: Queue, router: Router, config: WorkerConfig) -> Worker {
         let policy = config.retry_policy();
+        let (completions, completions_rx) = crate::completer::channel();
         Worker {
             inner: Arc::new(Inner {
+                completions,
+                completions_rx: Mutex::new(Some(completions_rx)),
                 store,
                 queue,
                 router,
@@ -108,6 +115,13 @@ impl Worker {
                 shutdown.child_token(),
             ))
         });
+        let completer = inner.completions_rx.lock().expect("lock").take().map(|rx| {
+            tokio::spawn(crate::completer::run(
+                inner.store.clone(),
+                inner.queue.clone(),
+                rx,
+            ))
+        });
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut fetcher = Fetcher::new(inner.config.queue_list());
         tracing::info!(concurrency = inner.config.concurrency, "worker started");
@@ -118,12 +132,26 @@ impl Worker {
                 permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
                 () = shutdown.cancelled() => break,
             };
+            let target = inner
+                .config
+                .claim_batch
+                .min(inner.config.concurrency)
+                .max(1);
             let mut permits = vec![first];
-            while permits.len() < inner.config.claim_batch.max(1) {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+            let gather = |permits: &mut Vec<OwnedSemaphorePermit>| {
+                while permits.len() < target {
+                    match slots.clone().try_acquire_owned() {
+                        Ok(p) => permits.push(p),
+                        Err(_) => break,
+                    }
                 }
+            };
+            gather(&mut permits);
+            // Under load slots free one at a time; a millisecond lets a few
+            // gather, so one pop and one claim serve several tasks.
+            if permits.len() < target / 4 && !tracker.is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                gather(&mut permits);
             }
             let wait = match fetcher.fetch(inner, permits, &tracker).await {
                 Ok(0) => Duration::from_millis(inner.config.poll_ms),
@@ -161,6 +189,11 @@ impl Worker {
             tracker.wait().await;
         }
         heartbeat.abort();
+        // Every attempt has been recorded (each waited for its reply), so
+        // the completer has nothing left: stop it.
+        if let Some(c) = completer {
+            c.abort();
+        }
         if let Some(s) = sweeper {
             // Dropping the task drops its leader connection: the lock frees.
             s.abort();
@@ -522,6 +555,22 @@ fn retry_or_fail(
 /// Writes the outcome (retrying briefly through a PostgreSQL blip), then
 /// tells Redis when the task should run again, if it should.
 async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
+    if let Finish::Succeeded { result } = finish {
+        metrics::counter!("inferq_worker_attempts_total", "queue" => task.model.clone(), "outcome" => "succeeded")
+            .increment(1);
+        let (reply, held) = tokio::sync::oneshot::channel();
+        let done = crate::completer::Done {
+            id: task.id,
+            attempt: task.attempts,
+            batch_id: task.batch_id,
+            result,
+            reply,
+        };
+        if inner.completions.send(done).await.is_err() || !held.await.unwrap_or(false) {
+            tracing::warn!("outcome not recorded: this attempt no longer holds the task");
+        }
+        return;
+    }
     let write = || inner.store.finish(task.id, task.attempts, &finish);
     let outcome = match &finish {
         Finish::Succeeded { .. } => "succeeded",

@@ -388,6 +388,37 @@ impl Store {
         .await?)
     }
 
+    /// Records many successful attempts in one statement (the worker's
+    /// completions, collected for a millisecond or two). Fenced per row like
+    /// [`Store::finish`]; returns the ids whose write took effect.
+    pub async fn finish_succeeded_many(&self, done: &[(Uuid, i32, &Value)]) -> Result<Vec<Uuid>> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = done.iter().map(|d| d.0).collect();
+        let attempts: Vec<i32> = done.iter().map(|d| d.1).collect();
+        let results: Vec<&Value> = done.iter().map(|d| d.2).collect();
+        Ok(sqlx::query_scalar(
+            "WITH u AS (
+                SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, result)
+             ), t AS (
+                UPDATE tasks SET status = 'succeeded', result = u.result, error = NULL, progress = NULL,
+                                 finished_at = now(), lease_until = NULL
+                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND tasks.status = 'running'
+             RETURNING tasks.id, tasks.attempts
+             ), h AS (
+                UPDATE task_attempts a SET finished_at = now(), outcome = 'succeeded'
+                  FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+             )
+             SELECT id FROM t",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&results)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Cancels a task that has not finished. A running attempt is closed as
     /// `cancelled` here; its worker notices (see [`Store::cancelled_among`]),
     /// stops the backend call, and its late result is refused by the fence.
