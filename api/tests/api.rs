@@ -699,3 +699,32 @@ async fn long_poll_on_a_batch_answers_when_its_last_task_finishes(pool: PgPool) 
     assert_eq!(body["counts"]["succeeded"], 3);
     api.service.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_failed_group_commit_fails_every_request_in_it(pool: PgPool) {
+    let api = std::sync::Arc::new(Api::new(pool.clone(), SMALL_LIMIT));
+    let bodies: Vec<Value> = (0..20)
+        .map(|i| json!({"model": "sim", "prompt": format!("g{i}")}))
+        .collect();
+    // Every insert now violates a constraint: the shared statement fails.
+    sqlx::query("ALTER TABLE tasks ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let answers = futures::future::join_all(bodies.iter().map(|b| api.post("/tasks", b))).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+        assert_eq!(error_of(body).0, "internal");
+    }
+    api.assert_nothing_written("failed group").await;
+
+    sqlx::query("ALTER TABLE tasks DROP CONSTRAINT refuse_all")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let answers = futures::future::join_all(bodies.iter().map(|b| api.post("/tasks", b))).await;
+    assert!(answers.iter().all(|(s, _)| *s == StatusCode::ACCEPTED));
+    assert_eq!(task_count(&api).await, 20, "every 202 has its row");
+    assert_eq!(api.service.queue.depth("sim").await.unwrap(), (20, 0));
+    api.service.queue.purge().await.unwrap();
+}

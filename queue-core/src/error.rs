@@ -12,6 +12,9 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("redis pool: {0}")]
     RedisPool(#[from] deadpool_redis::PoolError),
+    /// One failure shared by every request of a group commit.
+    #[error("{0}")]
+    Shared(std::sync::Arc<Error>),
 }
 
 impl Error {
@@ -41,6 +44,7 @@ impl Error {
                     || e.is_connection_refusal()
             }
             Error::RedisPool(_) => true,
+            Error::Shared(e) => e.is_unavailable(),
         }
     }
 }

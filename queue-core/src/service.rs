@@ -3,6 +3,7 @@
 //! Redis, so an accepted task can never exist only in Redis.
 
 use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -17,6 +18,18 @@ use crate::task::{AttemptRecord, BatchRecord, NewBatch, NewTask, TaskRecord, Tas
 pub struct Service {
     pub store: Store,
     pub queue: Queue,
+    /// Single submissions go through the group-commit writer.
+    group: mpsc::Sender<Pending>,
+}
+
+/// How long the first submission of a group waits for others, and the most
+/// one group holds. Each request is answered only after its row committed.
+const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
+const GROUP_MAX: usize = 1_000;
+
+struct Pending {
+    task: NewTask,
+    reply: oneshot::Sender<Result<Accepted>>,
 }
 
 /// What a submission answers with.
@@ -38,12 +51,40 @@ pub enum Submission {
 }
 
 impl Service {
+    /// Builds the service and starts its group-commit writer (so it must
+    /// be called within a Tokio runtime).
     pub fn new(store: Store, queue: Queue) -> Service {
-        Service { store, queue }
+        let (group, rx) = mpsc::channel(GROUP_MAX * 4);
+        tokio::spawn(group_writer(store.clone(), queue.clone(), rx));
+        Service {
+            store,
+            queue,
+            group,
+        }
     }
 
-    /// Commits one task, then makes it ready.
+    /// Commits one task, then makes it ready. Concurrent submissions are
+    /// committed together (group commit): one multi-row INSERT and one Redis
+    /// pipeline for up to a millisecond's worth of requests. If the shared
+    /// statement fails, every request in it fails; none is answered
+    /// without its row.
     pub async fn submit(&self, task: &NewTask) -> Result<Accepted> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            task: task.clone(),
+            reply,
+        };
+        if self.group.send(pending).await.is_err() {
+            return self.submit_alone(task).await;
+        }
+        match answer.await {
+            Ok(result) => result,
+            // The writer went away with our request: it was not committed.
+            Err(_) => self.submit_alone(task).await,
+        }
+    }
+
+    async fn submit_alone(&self, task: &NewTask) -> Result<Accepted> {
         match self.submit_with_key(task, None).await? {
             Submission::New(a) => Ok(a),
             Submission::Replay(_) | Submission::KeyReused => {
@@ -139,6 +180,14 @@ impl Service {
         }))
     }
 
+    /// Commits `tasks` as one group; a failure is every task's failure.
+    async fn commit_group(&self, tasks: &[NewTask]) -> Result<Accepted> {
+        match self.insert_and_push(None, tasks, None).await? {
+            Submission::New(a) => Ok(a),
+            Submission::Replay(_) | Submission::KeyReused => unreachable!("no key, no replay"),
+        }
+    }
+
     pub async fn task(&self, id: Uuid) -> Result<Option<(TaskRecord, Vec<AttemptRecord>)>> {
         let Some(task) = self.store.task(id).await? else {
             return Ok(None);
@@ -173,5 +222,43 @@ impl Service {
     /// Tasks per status across the whole store.
     pub async fn counts(&self) -> Result<Vec<(TaskStatus, i64)>> {
         self.store.count_by_status().await
+    }
+}
+
+/// Collects submissions for up to [`GROUP_WINDOW`] and commits each group
+/// with one statement. Runs until every `Service` clone is dropped.
+async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending>) {
+    let (tx, _) = mpsc::channel(1);
+    let service = Service {
+        store,
+        queue,
+        group: tx,
+    };
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        let deadline = tokio::time::Instant::now() + GROUP_WINDOW;
+        while group.len() < GROUP_MAX {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => group.push(p),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let tasks: Vec<NewTask> = group.iter().map(|p| p.task.clone()).collect();
+        match service.commit_group(&tasks).await {
+            Ok(accepted) => {
+                for (p, id) in group.into_iter().zip(accepted.ids) {
+                    let _ = p.reply.send(Ok(Accepted {
+                        ids: vec![id],
+                        created_at: accepted.created_at,
+                    }));
+                }
+            }
+            Err(e) => {
+                let shared = std::sync::Arc::new(e);
+                for p in group {
+                    let _ = p.reply.send(Err(crate::Error::Shared(shared.clone())));
+                }
+            }
+        }
     }
 }

@@ -35,7 +35,13 @@ async fn submit(
 ) -> Result<(StatusCode, Json<Value>)> {
     let key = idempotency_key(&headers, "tasks", &body)?;
     let task = NewTask::from_json(&body, "")?;
-    match state.service.submit_with_key(&task, key.as_ref()).await? {
+    // Without a key, the request joins the group commit; with one, it
+    // needs a transaction of its own (the key is checked inside it).
+    let submission = match &key {
+        Some(k) => state.service.submit_with_key(&task, Some(k)).await?,
+        None => Submission::New(state.service.submit(&task).await?),
+    };
+    match submission {
         Submission::New(accepted) => {
             let id = accepted.ids[0];
             metrics::counter!("inferq_tasks_submitted_total", "queue" => task.model.clone())
