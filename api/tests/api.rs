@@ -728,3 +728,86 @@ async fn a_failed_group_commit_fails_every_request_in_it(pool: PgPool) {
     assert_eq!(api.service.queue.depth("sim").await.unwrap(), (20, 0));
     api.service.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn listing_pages_every_task_exactly_once_while_tasks_arrive(pool: PgPool) {
+    let api = std::sync::Arc::new(Api::new(pool, SMALL_LIMIT));
+    let mut first = std::collections::HashSet::new();
+    for i in 0..250 {
+        let (_, t) = api
+            .post(
+                "/tasks",
+                &json!({"model": "org/list-me", "prompt": format!("p{i}")}),
+            )
+            .await;
+        first.insert(t["id"].as_str().unwrap().to_owned());
+    }
+    // Another client keeps submitting while we page.
+    let writer = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            for i in 0..100 {
+                api.post(
+                    "/tasks",
+                    &json!({"model": "org/list-me", "prompt": format!("late{i}")}),
+                )
+                .await;
+            }
+        })
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut uri = "/tasks?model=org%2Flist-me&limit=40".to_owned();
+        if let Some(c) = &cursor {
+            uri.push_str(&format!("&cursor={c}"));
+        }
+        let (status, page) = api.get(&uri).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let ids: Vec<String> = page["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first");
+        seen.extend(ids);
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    let unique: std::collections::HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no task listed twice");
+    assert!(
+        first.is_subset(&unique),
+        "every task that existed when paging began was listed"
+    );
+
+    let (_, high) = api
+        .post(
+            "/tasks",
+            &json!({"model": "other", "prompt": "x", "priority": "high"}),
+        )
+        .await;
+    let (_, page) = api.get("/tasks?priority=high&status=queued").await;
+    let ids: Vec<_> = page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    assert_eq!(ids, vec![high["id"].clone()]);
+    for (bad, field) in [
+        ("status=done", "status"),
+        ("limit=0", "limit"),
+        ("cursor=x", "cursor"),
+        ("colour=red", "query"),
+    ] {
+        let (status, body) = api.get(&format!("/tasks?{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(error_of(&body).1, Some(field), "{bad}");
+    }
+    api.service.queue.purge().await.unwrap();
+}

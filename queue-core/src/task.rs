@@ -64,6 +64,12 @@ impl TaskStatus {
     }
 }
 
+impl TaskStatus {
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
 impl fmt::Display for TaskStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -98,7 +104,7 @@ impl Priority {
         }
     }
 
-    fn parse(s: &str) -> Option<Priority> {
+    pub fn parse(s: &str) -> Option<Priority> {
         match s {
             "high" => Some(Priority::High),
             "normal" => Some(Priority::Normal),

@@ -11,7 +11,7 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 pub use sweep::{Leader, Reaped, Waiting};
-pub use tasks::{CancelOutcome, ClaimedTask, ExistingKey, Finish};
+pub use tasks::{CancelOutcome, ClaimedTask, ExistingKey, Finish, TaskFilter};
 pub(crate) use tasks::{Inserted, Row};
 
 use crate::config::StoreConfig;

@@ -68,6 +68,15 @@ pub enum CancelOutcome {
     Conflict(TaskStatus),
 }
 
+/// Which tasks a listing returns; `None` matches all.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    pub model: Option<String>,
+    pub batch_id: Option<Uuid>,
+    pub priority: Option<crate::task::Priority>,
+}
+
 /// What an insert did.
 #[derive(Debug)]
 pub(crate) enum Inserted {
@@ -460,6 +469,35 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?,
         )
+    }
+
+    /// A page of tasks, newest first, keyed on the (time-ordered) id: tasks
+    /// inserted while a client pages have larger ids than its cursor, so
+    /// they never shift the pages it has yet to read.
+    pub async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<TaskRecord>> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks
+              WHERE ($1::text IS NULL OR status = $1)
+                AND ($2::text IS NULL OR model = $2)
+                AND ($3::uuid IS NULL OR batch_id = $3)
+                AND ($4::int2 IS NULL OR priority = $4)
+                AND ($5::uuid IS NULL OR id < $5)
+              ORDER BY id DESC LIMIT $6"
+        );
+        Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
+            .bind(filter.status.map(|s| s.as_str()))
+            .bind(filter.model.as_deref())
+            .bind(filter.batch_id)
+            .bind(filter.priority.map(|p| p.band()))
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     pub async fn task(&self, id: Uuid) -> Result<Option<TaskRecord>> {
