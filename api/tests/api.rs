@@ -811,3 +811,29 @@ async fn listing_pages_every_task_exactly_once_while_tasks_arrive(pool: PgPool) 
     }
     api.service.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn queues_show_depths_and_pause_state(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    api.post("/tasks", &json!({"model": "qx", "prompt": "x"}))
+        .await;
+    api.post("/tasks", &json!({"model": "qx", "prompt": "y"}))
+        .await;
+    let (status, paused) = api.send("POST", "/queues/qx/pause", None, Vec::new()).await;
+    assert_eq!(
+        (status, paused["paused"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let (_, q) = api.get("/queues").await;
+    assert_eq!(
+        q["queues"],
+        json!([{"name": "qx", "ready": 2, "scheduled": 0, "paused": true}])
+    );
+    let (status, _) = api
+        .send("POST", "/queues/qx/resume", None, Vec::new())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, q) = api.get("/queues").await;
+    assert_eq!(q["queues"][0]["paused"], false);
+    api.service.queue.purge().await.unwrap();
+}

@@ -56,6 +56,12 @@ enum Command {
     /// batch, show progress until it completes, then print the results as
     /// JSONL.
     Batch { file: std::path::PathBuf },
+    /// List the queues with their depths.
+    Queues,
+    /// Stop workers taking a queue's tasks (submissions still land).
+    Pause { model: String },
+    /// Let workers take a paused queue's tasks again.
+    Resume { model: String },
     /// Generate load: see `inferq load --help`.
     Load(load::LoadArgs),
 }
@@ -190,6 +196,32 @@ async fn main() -> anyhow::Result<()> {
                     json!({"id": t["id"], "status": t["status"], "result": t["result"], "error": t["error"]})
                 );
             }
+        }
+        Command::Queues => println!(
+            "{}",
+            check(http.get(format!("{url}/queues")).send().await?).await?
+        ),
+        Command::Pause { model } => {
+            println!(
+                "{}",
+                check(
+                    http.post(format!("{url}/queues/{model}/pause"))
+                        .send()
+                        .await?
+                )
+                .await?
+            );
+        }
+        Command::Resume { model } => {
+            println!(
+                "{}",
+                check(
+                    http.post(format!("{url}/queues/{model}/resume"))
+                        .send()
+                        .await?
+                )
+                .await?
+            );
         }
         Command::Load(args) => std::process::exit(load::run(&url, args).await?),
     }

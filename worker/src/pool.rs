@@ -34,6 +34,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// How long the list of queues (for a worker serving all of them) is reused
 /// before asking Redis again.
 const QUEUE_LIST_TTL: Duration = Duration::from_secs(1);
+/// How long the set of paused queues is reused: a pause takes effect within
+/// about this long (plus tasks already running, which finish).
+const PAUSED_TTL: Duration = Duration::from_millis(250);
 /// How often in-flight tasks are checked for a cancel: a cancel stops the
 /// backend call within about this long.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
@@ -208,6 +211,8 @@ struct Fetcher {
     configured: Vec<String>,
     known: Vec<String>,
     known_at: Option<Instant>,
+    paused: Vec<String>,
+    paused_at: Option<Instant>,
     next: usize,
     errors: u32,
 }
@@ -218,12 +223,25 @@ impl Fetcher {
             configured,
             known: Vec::new(),
             known_at: None,
+            paused: Vec::new(),
+            paused_at: None,
             next: 0,
             errors: 0,
         }
     }
 
+    /// The queues to look at now: served, and not paused.
     async fn queues(&mut self, queue: &Queue) -> queue_core::Result<Vec<String>> {
+        if self.paused_at.is_none_or(|t| t.elapsed() > PAUSED_TTL) {
+            self.paused = queue.paused().await?;
+            self.paused_at = Some(Instant::now());
+        }
+        let mut names = self.served(queue).await?;
+        names.retain(|q| !self.paused.contains(q));
+        Ok(names)
+    }
+
+    async fn served(&mut self, queue: &Queue) -> queue_core::Result<Vec<String>> {
         if !self.configured.is_empty() {
             return Ok(self.configured.clone());
         }

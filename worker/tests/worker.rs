@@ -606,3 +606,70 @@ async fn a_panic_in_the_backend_fails_that_attempt_and_the_worker_lives_on(pool:
     handle.await.unwrap();
     svc.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_paused_queue_stops_within_a_second_while_another_drains(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for i in 0..40 {
+        let p = json!({"sim": {"latency_ms": 100}});
+        a.push(
+            submit(
+                &svc,
+                json!({"model": "qa", "prompt": format!("a{i}"), "params": p}),
+            )
+            .await,
+        );
+        b.push(
+            submit(
+                &svc,
+                json!({"model": "qb", "prompt": format!("b{i}"), "params": p}),
+            )
+            .await,
+        );
+    }
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            concurrency: 4,
+            ..fast_retries()
+        },
+    );
+    wait_running(&svc, a[0]).await;
+    svc.queue.pause("qa").await.unwrap();
+    let paused_at = Utc::now();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut a_started_late = 0;
+    for id in &a {
+        let (t, _) = svc.task(*id).await.unwrap().unwrap();
+        if t.started_at
+            .is_some_and(|s| s > paused_at + chrono::Duration::milliseconds(1000))
+        {
+            a_started_late += 1;
+        }
+    }
+    assert_eq!(
+        a_started_late, 0,
+        "no task of the paused queue started a second after the pause"
+    );
+    let b_done = futures::future::join_all(b.iter().map(|id| svc.task(*id)))
+        .await
+        .into_iter()
+        .filter(|t| t.as_ref().unwrap().as_ref().unwrap().0.status == TaskStatus::Succeeded)
+        .count();
+    assert!(
+        b_done >= 20,
+        "the other queue kept draining ({b_done} of 40)"
+    );
+    let (ready_a, _) = svc.queue.depth("qa").await.unwrap();
+    assert!(ready_a > 0, "the paused queue's tasks wait in Redis");
+
+    svc.queue.resume("qa").await.unwrap();
+    for id in &a {
+        let (t, _) = wait_terminal(&svc, *id).await;
+        assert_eq!(t.status, TaskStatus::Succeeded);
+    }
+    worker.stop().await;
+    svc.queue.purge().await.unwrap();
+}

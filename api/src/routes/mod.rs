@@ -2,4 +2,5 @@
 
 pub mod batches;
 pub mod health;
+pub mod queues;
 pub mod tasks;

@@ -300,6 +300,40 @@ impl Queue {
         Ok(())
     }
 
+    fn paused_key(&self) -> String {
+        format!("{}:paused", self.prefix)
+    }
+
+    /// Stops workers taking tasks of `queue` (submissions still land).
+    pub async fn pause(&self, queue: &str) -> Result<()> {
+        let mut conn = self.pool.get().await?;
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.paused_key())
+            .arg(queue)
+            .query_async(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn resume(&self, queue: &str) -> Result<()> {
+        let mut conn = self.pool.get().await?;
+        let _: i64 = redis::cmd("SREM")
+            .arg(self.paused_key())
+            .arg(queue)
+            .query_async(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The paused queues.
+    pub async fn paused(&self) -> Result<Vec<String>> {
+        let mut conn = self.pool.get().await?;
+        Ok(redis::cmd("SMEMBERS")
+            .arg(self.paused_key())
+            .query_async(&mut *conn)
+            .await?)
+    }
+
     /// Every queue that has received a task.
     pub async fn queues(&self) -> Result<Vec<String>> {
         let mut conn = self.pool.get().await?;
