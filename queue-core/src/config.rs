@@ -115,6 +115,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERQ_CACHE_TTL_SECS", default_value_t = 86_400)]
     pub cache_ttl_secs: i64,
 
+    /// Finished tasks older than this many days are deleted (by the
+    /// sweeper, in bounded chunks, with their history); 0 keeps everything.
+    #[arg(long, env = "INFERQ_RETENTION_DAYS", default_value_t = 7)]
+    pub retention_days: u32,
+
     /// Delay after the first failed attempt, in milliseconds.
     #[arg(long, env = "INFERQ_RETRY_INITIAL_MS", default_value_t = 1000)]
     pub retry_initial_ms: u64,
@@ -165,6 +170,7 @@ impl Default for WorkerConfig {
             backends: None,
             metrics_bind: None,
             cache_ttl_secs: 86_400,
+            retention_days: 7,
             sweep_ms: 1000,
             reconcile_page: 5000,
             retry_initial_ms: 1000,

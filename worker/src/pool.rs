@@ -115,6 +115,7 @@ impl Worker {
                 inner.queue.clone(),
                 Duration::from_millis(inner.config.sweep_ms.max(10)),
                 inner.config.reconcile_page,
+                Duration::from_secs(u64::from(inner.config.retention_days) * 86_400),
                 shutdown.child_token(),
             ))
         });

@@ -10,7 +10,8 @@
 //!   commit and push, Redis was flushed or restarted). Pages are bounded, and
 //!   the walk goes on at once while it keeps finding missing ids, so a
 //!   flushed Redis is rebuilt quickly without one huge command;
-//! - deletes idempotency keys past their retention.
+//! - deletes idempotency keys past their retention, and finished tasks
+//!   older than the configured retention (bounded chunks).
 
 use std::time::Duration;
 
@@ -34,13 +35,20 @@ pub struct SweepReport {
     pub requeued: usize,
     pub failed: usize,
     pub redispatched: u64,
+    /// Finished tasks deleted by retention.
+    pub deleted: u64,
 }
+
+/// Finished tasks deleted per sweep at most.
+const RETENTION_CHUNK: i64 = 5_000;
 
 /// The reconciler's place in its walk over waiting tasks.
 #[derive(Debug, Default)]
 pub struct Sweeper {
     cursor: Uuid,
     page: i64,
+    /// Finished tasks older than this are deleted; `None` keeps them.
+    retention: Option<Duration>,
 }
 
 fn priority(band: i16) -> Priority {
@@ -52,7 +60,14 @@ impl Sweeper {
         Sweeper {
             cursor: Uuid::nil(),
             page: page.max(1),
+            retention: None,
         }
+    }
+
+    /// Also deletes finished tasks older than `retention` (0 keeps all).
+    pub fn with_retention(mut self, retention: Duration) -> Sweeper {
+        self.retention = (!retention.is_zero()).then_some(retention);
+        self
     }
 
     /// One sweep. Call it only while leading.
@@ -123,6 +138,11 @@ impl Sweeper {
         store
             .expire_idempotency_keys(IDEMPOTENCY_TTL_SECS, 1000)
             .await?;
+        if let Some(age) = self.retention {
+            report.deleted = store
+                .delete_finished_before(age.as_secs() as i64, RETENTION_CHUNK)
+                .await?;
+        }
         Ok(report)
     }
 }
@@ -134,9 +154,10 @@ pub async fn run(
     queue: Queue,
     interval: Duration,
     page: i64,
+    retention: Duration,
     stop: CancellationToken,
 ) {
-    let mut sweeper = Sweeper::new(page);
+    let mut sweeper = Sweeper::new(page).with_retention(retention);
     let mut leader: Option<Leader> = None;
     loop {
         tokio::select! {
@@ -167,6 +188,7 @@ pub async fn run(
                 requeued = r.requeued,
                 failed = r.failed,
                 redispatched = r.redispatched,
+                deleted = r.deleted,
                 "sweep"
             ),
             Ok(_) => {}

@@ -673,3 +673,54 @@ async fn a_paused_queue_stops_within_a_second_while_another_drains(pool: PgPool)
     worker.stop().await;
     svc.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn retention_deletes_exactly_the_old_finished_tasks(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let mut by_kind = std::collections::HashMap::new();
+    for kind in ["old-done", "new-done", "old-queued", "old-running"] {
+        by_kind.insert(
+            kind,
+            submit(&svc, json!({"model": "sim", "prompt": kind})).await,
+        );
+    }
+    for kind in ["old-done", "new-done", "old-running"] {
+        svc.store
+            .claim(&[by_kind[kind]], Duration::from_secs(300))
+            .await
+            .unwrap();
+    }
+    for kind in ["old-done", "new-done"] {
+        let done = queue_core::store::Finish::Succeeded { result: json!({}) };
+        assert!(svc.store.finish(by_kind[kind], 1, &done).await.unwrap());
+    }
+    // Age everything by ten days (a fixture: only the clock is faked).
+    sqlx::query("UPDATE tasks SET created_at = created_at - interval '10 days', finished_at = finished_at - interval '10 days' WHERE id <> $1")
+        .bind(by_kind["new-done"])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut sweeper = Sweeper::new(100).with_retention(Duration::from_secs(7 * 86_400));
+    let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+    assert_eq!(r.deleted, 1);
+    assert!(
+        svc.task(by_kind["old-done"]).await.unwrap().is_none(),
+        "the old finished task is gone"
+    );
+    for kind in ["new-done", "old-queued", "old-running"] {
+        assert!(
+            svc.task(by_kind[kind]).await.unwrap().is_some(),
+            "{kind} is kept"
+        );
+    }
+    let mut keep_all = Sweeper::new(100).with_retention(Duration::ZERO);
+    assert_eq!(
+        keep_all
+            .sweep(&svc.store, &svc.queue)
+            .await
+            .unwrap()
+            .deleted,
+        0
+    );
+    svc.queue.purge().await.unwrap();
+}

@@ -108,6 +108,36 @@ impl Store {
         .await?)
     }
 
+    /// Deletes finished tasks (with their attempts) that finished more than
+    /// `max_age_secs` ago, at most `limit` per call, oldest first. Nothing
+    /// unfinished is touched. Batches whose every task is gone go too.
+    pub async fn delete_finished_before(&self, max_age_secs: i64, limit: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "WITH old AS (
+                SELECT id FROM tasks
+                 WHERE status IN ('succeeded', 'failed', 'cancelled')
+                   AND finished_at < now() - make_interval(secs => $1)
+                 ORDER BY finished_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+             )
+             DELETE FROM tasks WHERE id IN (SELECT id FROM old)",
+        )
+        .bind(max_age_secs as f64)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() > 0 {
+            sqlx::query(
+                "DELETE FROM batches b WHERE b.created_at < now() - make_interval(secs => $1)
+                   AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = b.id)",
+            )
+            .bind(max_age_secs as f64)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(done.rows_affected())
+    }
+
     /// Deletes idempotency keys older than `max_age_secs`, at most `limit`.
     pub async fn expire_idempotency_keys(&self, max_age_secs: i64, limit: i64) -> Result<u64> {
         let done = sqlx::query(
