@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`routes`]: one module per resource (`tasks`, `batches`, `queues`, `health`);
+//! - [`routes`]: one module per resource (`tasks`, `batches`, `queues`, `dlq`, `health`);
 //!   `/metrics` renders the process's Prometheus recorder.
 //! - [`error`]: `ApiError`, the one mapping of failures to HTTP.
 //! - [`waiters`]: long-poll (`?wait=`) waiters woken by completion events.
@@ -49,6 +49,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .merge(routes::batches::router())
         .merge(routes::health::router())
         .merge(routes::queues::router())
+        .merge(routes::dlq::router())
         .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { error::ApiError::NotFound { what: "route" } })
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -837,3 +837,25 @@ async fn queues_show_depths_and_pause_state(pool: PgPool) {
     assert_eq!(q["queues"][0]["paused"], false);
     api.service.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn redrive_checks_its_filter(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    for (body, field) in [
+        (json!({}), "body"),
+        (json!({"colour": "red"}), "colour"),
+        (json!({"batch_id": "x"}), "batch_id"),
+        (json!({"model": 3}), "model"),
+    ] {
+        let (status, resp) = api.post("/dlq/redrive", &body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(error_of(&resp), ("invalid_field", Some(field)), "{body}");
+    }
+    let (status, resp) = api
+        .post("/dlq/redrive", &json!({"model": "nothing-failed"}))
+        .await;
+    assert_eq!(
+        (status, resp["redriven"].as_u64()),
+        (StatusCode::OK, Some(0))
+    );
+}

@@ -62,8 +62,36 @@ enum Command {
     Pause { model: String },
     /// Let workers take a paused queue's tasks again.
     Resume { model: String },
+    /// Dead letters: `list` (failed tasks, newest first) or `redrive`.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Generate load: see `inferq load --help`.
     Load(load::LoadArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    List {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        batch_id: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Run matching failed tasks again with fresh attempts.
+    Redrive {
+        #[arg(long)]
+        task_id: Option<String>,
+        #[arg(long)]
+        batch_id: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        error_contains: Option<String>,
+    },
 }
 
 async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
@@ -217,6 +245,55 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 check(
                     http.post(format!("{url}/queues/{model}/resume"))
+                        .send()
+                        .await?
+                )
+                .await?
+            );
+        }
+        Command::Dlq {
+            action:
+                DlqAction::List {
+                    model,
+                    batch_id,
+                    limit,
+                },
+        } => {
+            // Model names are `[A-Za-z0-9-_.:/@]`: all legal in a query as they are.
+            let mut q = format!("status=failed&limit={limit}");
+            if let Some(m) = model {
+                q.push_str(&format!("&model={m}"));
+            }
+            if let Some(b) = batch_id {
+                q.push_str(&format!("&batch_id={b}"));
+            }
+            println!(
+                "{}",
+                check(http.get(format!("{url}/tasks?{q}")).send().await?).await?
+            );
+        }
+        Command::Dlq {
+            action:
+                DlqAction::Redrive {
+                    task_id,
+                    batch_id,
+                    model,
+                    error_contains,
+                },
+        } => {
+            let body = json!({"task_id": task_id, "batch_id": batch_id, "model": model, "error_contains": error_contains});
+            let body: serde_json::Map<String, Value> = body
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            println!(
+                "{}",
+                check(
+                    http.post(format!("{url}/dlq/redrive"))
+                        .json(&body)
                         .send()
                         .await?
                 )

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::idempotency::IdempotencyKey;
 use crate::queue::events::Finished;
 use crate::queue::{Queue, ReadyEntry};
-use crate::store::{CancelOutcome, ExistingKey, Inserted, Row, Store};
+use crate::store::{CancelOutcome, DeadFilter, ExistingKey, Inserted, Row, Store};
 use crate::task::{AttemptRecord, BatchRecord, NewBatch, NewTask, TaskRecord, TaskStatus};
 
 /// The core's front door, shared by the API handlers and the tests.
@@ -217,6 +217,38 @@ impl Service {
             }
         }
         Ok(outcome)
+    }
+
+    /// Re-drives every dead letter matching `filter`, in chunks of
+    /// `REDRIVE_CHUNK` (each chunk committed, then pushed), so a re-drive of
+    /// a million failures never holds one huge transaction. Returns how many.
+    pub async fn redrive(&self, filter: &DeadFilter) -> Result<u64> {
+        const REDRIVE_CHUNK: i64 = 1_000;
+        let mut filter = filter.clone();
+        filter.failed_before.get_or_insert_with(Utc::now);
+        let filter = &filter;
+        let mut total = 0;
+        loop {
+            let chunk = self.store.redrive(filter, REDRIVE_CHUNK).await?;
+            let entries: Vec<ReadyEntry<'_>> = chunk
+                .iter()
+                .map(|r| ReadyEntry {
+                    queue: &r.model,
+                    id: r.id,
+                    priority: crate::task::Priority::from_band(r.priority)
+                        .unwrap_or(crate::task::Priority::Normal),
+                    order_ms: r.created_at.timestamp_millis(),
+                })
+                .collect();
+            if let Err(e) = self.queue.push_ready(&entries).await {
+                // Queued in PostgreSQL: the reconciler dispatches them.
+                tracing::warn!(error = %e, "could not push re-driven tasks");
+            }
+            total += chunk.len() as u64;
+            if (chunk.len() as i64) < REDRIVE_CHUNK {
+                return Ok(total);
+            }
+        }
     }
 
     /// Tasks per status across the whole store.

@@ -526,6 +526,8 @@ impl TaskRecord {
 /// One attempt of a task, as `GET /tasks/{id}` shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct AttemptRecord {
+    /// 1, and one more for each re-drive of the task from the dead letters.
+    pub run: i32,
     pub attempt: i32,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,

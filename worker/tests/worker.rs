@@ -724,3 +724,105 @@ async fn retention_deletes_exactly_the_old_finished_tasks(pool: PgPool) {
     );
     svc.queue.purge().await.unwrap();
 }
+
+/// Fails every call while `broken` is set.
+struct Flaky {
+    broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Backend for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+
+    async fn infer(
+        &self,
+        request: &InferenceRequest,
+        cancel: &CancellationToken,
+    ) -> Result<Inference, BackendError> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BackendError::permanent("flaky: broken for now"));
+        }
+        SimBackend.infer(request, cancel).await
+    }
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn redriving_1000_dead_letters_runs_them_again_with_their_history(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let worker = Worker::new(
+        svc.store.clone(),
+        svc.queue.clone(),
+        Arc::new(Flaky {
+            broken: broken.clone(),
+        }),
+        WorkerConfig {
+            concurrency: 64,
+            ..fast_retries()
+        },
+    );
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let tasks: Vec<NewTask> = (0..1000)
+        .map(|i| task(json!({"model": "sim", "prompt": format!("d{i}")})))
+        .collect();
+    let (batch_id, accepted) = svc
+        .submit_batch(&NewBatch {
+            tasks,
+            metadata: None,
+        })
+        .await
+        .unwrap();
+    wait_for("all to fail", Duration::from_secs(60), || async {
+        let b = svc.batch(batch_id).await.unwrap().unwrap();
+        (b.count(TaskStatus::Failed) == 1000).then_some(())
+    })
+    .await;
+
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    let filter = queue_core::store::DeadFilter {
+        batch_id: Some(batch_id),
+        ..Default::default()
+    };
+    assert_eq!(svc.redrive(&filter).await.unwrap(), 1000);
+    let b = wait_for(
+        "the re-driven batch to complete",
+        Duration::from_secs(60),
+        || async {
+            let b = svc.batch(batch_id).await.unwrap().unwrap();
+            b.is_complete().then_some(b)
+        },
+    )
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+    assert_eq!(b.count(TaskStatus::Succeeded), 1000);
+    for id in [accepted.ids[0], accepted.ids[999]] {
+        let (t, h) = svc.task(id).await.unwrap().unwrap();
+        assert_eq!(
+            (t.status, t.attempts, t.error.as_deref()),
+            (TaskStatus::Succeeded, 1, None)
+        );
+        let runs: Vec<_> = h
+            .iter()
+            .map(|a| (a.run, a.attempt, a.outcome.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![(1, 1, "failed".to_owned()), (2, 1, "succeeded".to_owned())]
+        );
+        assert_eq!(
+            h[0].error.as_deref(),
+            Some("flaky: broken for now"),
+            "the earlier failure stays visible"
+        );
+    }
+    // Nothing left to re-drive.
+    assert_eq!(svc.redrive(&filter).await.unwrap(), 0);
+    svc.queue.purge().await.unwrap();
+}

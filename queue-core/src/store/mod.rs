@@ -11,7 +11,9 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 pub use sweep::{Leader, Reaped, Waiting};
-pub use tasks::{CancelOutcome, ClaimedTask, ExistingKey, Finish, TaskFilter};
+pub use tasks::{
+    CancelOutcome, ClaimedTask, DeadFilter, ExistingKey, Finish, Redriven, TaskFilter,
+};
 pub(crate) use tasks::{Inserted, Row};
 
 use crate::config::StoreConfig;

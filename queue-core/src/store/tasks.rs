@@ -68,6 +68,27 @@ pub enum CancelOutcome {
     Conflict(TaskStatus),
 }
 
+/// Which dead letters (failed tasks) a re-drive takes; `None` matches all.
+#[derive(Debug, Clone, Default)]
+pub struct DeadFilter {
+    pub task_id: Option<Uuid>,
+    pub batch_id: Option<Uuid>,
+    pub model: Option<String>,
+    /// Substring of the task's last error.
+    pub error_contains: Option<String>,
+    /// Only tasks that failed by then (a re-drive sets it to its start).
+    pub failed_before: Option<DateTime<Utc>>,
+}
+
+/// A re-driven task, to make ready again.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Redriven {
+    pub id: Uuid,
+    pub model: String,
+    pub priority: i16,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Which tasks a listing returns; `None` matches all.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
@@ -234,9 +255,9 @@ impl Store {
                  WHERE id = ANY($1)
                    AND (status = 'queued'
                         OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
-             RETURNING id, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at
+             RETURNING id, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at, run
              ), opened AS (
-                INSERT INTO task_attempts (task_id, attempt) SELECT id, attempts FROM claimed
+                INSERT INTO task_attempts (task_id, attempt, run) SELECT id, attempts, run FROM claimed
              )
              SELECT * FROM claimed",
         )
@@ -428,6 +449,39 @@ impl Store {
         .await?)
     }
 
+    /// Re-drives dead letters matching `filter` (at most `limit` per call):
+    /// each starts a new run with fresh attempts, its earlier attempts kept
+    /// in its history. Returns what to push back to Redis.
+    pub async fn redrive(&self, filter: &DeadFilter, limit: i64) -> Result<Vec<Redriven>> {
+        // Only failures from before the re-drive began: a task that fails
+        // again meanwhile is not taken twice by one re-drive.
+        Ok(sqlx::query_as::<_, Redriven>(
+            "WITH picked AS (
+                SELECT id FROM tasks
+                 WHERE status = 'failed'
+                   AND ($1::uuid IS NULL OR id = $1)
+                   AND ($2::uuid IS NULL OR batch_id = $2)
+                   AND ($3::text IS NULL OR model = $3)
+                   AND ($4::text IS NULL OR strpos(error, $4) > 0)
+                   AND finished_at <= $6
+                 ORDER BY id LIMIT $5
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE tasks SET status = 'queued', attempts = 0, run = run + 1, error = NULL,
+                              result = NULL, finished_at = NULL, run_at = NULL
+               FROM picked WHERE tasks.id = picked.id
+             RETURNING tasks.id, tasks.model, tasks.priority, tasks.created_at",
+        )
+        .bind(filter.task_id)
+        .bind(filter.batch_id)
+        .bind(filter.model.as_deref())
+        .bind(filter.error_contains.as_deref())
+        .bind(limit)
+        .bind(filter.failed_before.unwrap_or_else(Utc::now))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Cancels a task that has not finished. A running attempt is closed as
     /// `cancelled` here; its worker notices (see [`Store::cancelled_among`]),
     /// stops the backend call, and its late result is refused by the fence.
@@ -511,7 +565,7 @@ impl Store {
     /// Every attempt of a task, oldest first.
     pub async fn history(&self, id: Uuid) -> Result<Vec<AttemptRecord>> {
         Ok(sqlx::query_as::<_, AttemptRecord>(
-            "SELECT attempt, started_at, finished_at, outcome, error
+            "SELECT run, attempt, started_at, finished_at, outcome, error
                FROM task_attempts WHERE task_id = $1 ORDER BY id",
         )
         .bind(id)
