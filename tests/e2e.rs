@@ -339,3 +339,186 @@ async fn the_cli_submits_waits_runs_batches_and_generates_load() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SLA failed"));
 }
+
+/// The value of one sample line (`name{labels} value`) in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test]
+async fn metrics_after_a_known_workload() {
+    let env = Env::new("metrics");
+    let api = env.api(&[]).await;
+    let port = inferq_e2e::free_port();
+    let _worker = env.worker(
+        "worker.log",
+        &[("INFERQ_METRICS_BIND", format!("127.0.0.1:{port}"))],
+    );
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let (_, t) = api
+            .post(
+                "/tasks",
+                &json!({"model": "metered", "prompt": format!("ok {i}")}),
+            )
+            .await;
+        ids.push(t["id"].as_str().unwrap().to_owned());
+    }
+    for i in 0..2 {
+        let body = json!({"model": "metered", "prompt": format!("bad {i}"), "params": {"sim": {"fail_permanent": true}}});
+        let (_, t) = api.post("/tasks", &body).await;
+        ids.push(t["id"].as_str().unwrap().to_owned());
+    }
+    let (_, slow) = api
+        .post("/tasks", &json!({"model": "metered", "prompt": "slow", "params": {"sim": {"latency_ms": 60000}}}))
+        .await;
+    let slow = slow["id"].as_str().unwrap().to_owned();
+    api.poll_until(&format!("/tasks/{slow}"), Duration::from_secs(20), |t| {
+        t["status"] == "running"
+    })
+    .await;
+    let (status, _) = api.delete(&format!("/tasks/{slow}")).await;
+    assert_eq!(status, 200);
+    for id in &ids {
+        api.poll_until(
+            &format!("/tasks/{id}"),
+            Duration::from_secs(20),
+            is_terminal,
+        )
+        .await;
+    }
+
+    let api_text = api
+        .http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let worker_text = api
+        .http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    println!("API /metrics:\n{api_text}\nworker /metrics:\n{worker_text}");
+    assert_eq!(
+        sample(
+            &api_text,
+            r#"inferq_tasks_submitted_total{queue="metered"}"#
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(
+            &api_text,
+            r#"inferq_tasks_cancelled_total{queue="metered"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &worker_text,
+            r#"inferq_tasks_succeeded_total{queue="metered"}"#
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        sample(
+            &worker_text,
+            r#"inferq_tasks_failed_total{queue="metered"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &worker_text,
+            r#"inferq_tasks_started_total{queue="metered"}"#
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(
+            &worker_text,
+            r#"inferq_task_end_to_end_seconds_count{queue="metered"}"#
+        ),
+        Some(9.0)
+    );
+    assert_eq!(
+        sample(
+            &api_text,
+            r#"inferq_queue_ready{queue="metered",priority="normal"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&api_text, r#"inferq_queue_running{queue="metered"}"#),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn queue_gauges_count_what_waits() {
+    let env = Env::new("gauges");
+    let api = env.api(&[]).await;
+    for (priority, n) in [("high", 2), ("low", 3)] {
+        for i in 0..n {
+            api.post(
+                "/tasks",
+                &json!({"model": "waiting", "prompt": format!("{i}"), "priority": priority}),
+            )
+            .await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let text = api
+        .http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            r#"inferq_queue_ready{queue="waiting",priority="high"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"inferq_queue_ready{queue="waiting",priority="low"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"inferq_queue_ready{queue="waiting",priority="normal"}"#
+        ),
+        Some(0.0)
+    );
+    let age = sample(
+        &text,
+        r#"inferq_queue_oldest_ready_age_seconds{queue="waiting",priority="low"}"#,
+    )
+    .unwrap();
+    assert!(
+        (1.0..30.0).contains(&age),
+        "oldest low task waited about a second: {age}"
+    );
+}

@@ -56,7 +56,35 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Prometheus text of this process's recorder.
-async fn metrics() -> String {
+/// Prometheus text of this process's recorder, with the queue gauges
+/// (ready, scheduled, running, oldest ready age) read fresh: Redis `ZCOUNT`s
+/// and one query over running tasks, never a count over all tasks.
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> String {
+    if let Err(e) = queue_gauges(&state).await {
+        tracing::debug!(error = %e, "queue gauges not refreshed");
+    }
     queue_core::telemetry::metrics().render()
+}
+
+async fn queue_gauges(state: &AppState) -> queue_core::Result<()> {
+    let queue = &state.service.queue;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for name in queue.queues().await? {
+        let depth = queue.depth_by_priority(&name).await?;
+        for (i, priority) in ["high", "normal", "low"].into_iter().enumerate() {
+            metrics::gauge!("inferq_queue_ready", "queue" => name.clone(), "priority" => priority)
+                .set(depth.ready[i] as f64);
+            let age =
+                depth.oldest_ready_ms[i].map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0);
+            metrics::gauge!("inferq_queue_oldest_ready_age_seconds", "queue" => name.clone(), "priority" => priority)
+                .set(age);
+        }
+        metrics::gauge!("inferq_queue_scheduled", "queue" => name.clone())
+            .set(depth.scheduled as f64);
+        metrics::gauge!("inferq_queue_running", "queue" => name.clone()).set(0.0);
+    }
+    for (name, running) in state.service.store.running_by_queue().await? {
+        metrics::gauge!("inferq_queue_running", "queue" => name).set(running as f64);
+    }
+    Ok(())
 }

@@ -316,6 +316,13 @@ impl Fetcher {
                         progress_written: 0,
                     },
                 );
+                metrics::counter!("inferq_tasks_started_total", "queue" => task.model.clone())
+                    .increment(1);
+                let queued = (chrono::Utc::now() - task.created_at)
+                    .to_std()
+                    .unwrap_or_default();
+                metrics::histogram!("inferq_task_queued_seconds", "queue" => task.model.clone())
+                    .record(queued.as_secs_f64());
                 tracker.spawn(run_attempt(inner.clone(), task, permit));
                 started += 1;
                 metrics::gauge!("inferq_worker_in_flight").increment(1.0);
@@ -574,6 +581,21 @@ fn retry_or_fail(
 /// Writes the outcome (retrying briefly through a PostgreSQL blip), then
 /// tells Redis when the task should run again, if it should.
 async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
+    let outcome = match &finish {
+        Finish::Succeeded { .. } => "succeeded",
+        Finish::Retry { .. } => "retried",
+        Finish::Failed { .. } => "failed",
+        Finish::Released { .. } => "released",
+    };
+    metrics::counter!(format!("inferq_tasks_{outcome}_total"), "queue" => task.model.clone())
+        .increment(1);
+    if matches!(finish, Finish::Succeeded { .. } | Finish::Failed { .. }) {
+        let e2e = (chrono::Utc::now() - task.created_at)
+            .to_std()
+            .unwrap_or_default();
+        metrics::histogram!("inferq_task_end_to_end_seconds", "queue" => task.model.clone())
+            .record(e2e.as_secs_f64());
+    }
     if let Finish::Succeeded { result } = finish {
         metrics::counter!("inferq_worker_attempts_total", "queue" => task.model.clone(), "outcome" => "succeeded")
             .increment(1);

@@ -86,6 +86,10 @@ impl Sweeper {
             })
             .collect();
         report.requeued = requeue.len();
+        for r in &reaped {
+            metrics::counter!("inferq_tasks_lease_expired_total", "queue" => r.model.clone())
+                .increment(1);
+        }
         report.failed = reaped.len() - requeue.len();
         let failed: Vec<Finished> = reaped
             .iter()

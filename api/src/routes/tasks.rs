@@ -185,6 +185,8 @@ async fn read_view(state: &AppState, id: uuid::Uuid) -> Result<Value> {
 async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>> {
     match state.service.cancel(id).await? {
         CancelOutcome::Cancelled(task) => {
+            metrics::counter!("inferq_tasks_cancelled_total", "queue" => task.model.clone())
+                .increment(1);
             let history = state.service.store.history(id).await?;
             Ok(Json(task_view(&task, Some(&history))))
         }

@@ -98,6 +98,18 @@ fn scheduled_member(priority: Priority, run_at_ms: i64, id: Uuid) -> String {
     format!("{}|{id}", ready_score(priority, run_at_ms))
 }
 
+/// The oldest ready member of a band, with its score.
+type Oldest = Vec<(String, f64)>;
+
+/// What waits in one queue, per priority band (high, normal, low).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub ready: [u64; 3],
+    /// Submission time (ms since the epoch) of the oldest ready id.
+    pub oldest_ready_ms: [Option<i64>; 3],
+    pub scheduled: u64,
+}
+
 /// A task to park in the scheduled set.
 #[derive(Debug, Clone)]
 pub struct ScheduledEntry<'a> {
@@ -356,6 +368,37 @@ impl Queue {
             .query_async(&mut *conn)
             .await?;
         Ok((ready, scheduled))
+    }
+
+    /// Per priority band: ready ids and the submission time (ms) of the
+    /// oldest; and the scheduled count. One pipeline of ZCOUNT and
+    /// ZRANGEBYSCORE per band: cheap at any depth (for `/metrics`).
+    pub async fn depth_by_priority(&self, queue: &str) -> Result<QueueDepth> {
+        let ready = self.ready_key(queue);
+        let mut pipe = redis::pipe();
+        for band in 0..3 {
+            let (lo, hi) = (f64::from(band) * BAND, f64::from(band + 1) * BAND);
+            pipe.cmd("ZCOUNT").arg(&ready).arg(lo).arg(format!("({hi}"));
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(&ready)
+                .arg(lo)
+                .arg(format!("({hi}"))
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1);
+        }
+        pipe.cmd("ZCARD").arg(self.scheduled_key(queue));
+        let mut conn = self.pool.get().await?;
+        let (c0, o0, c1, o1, c2, o2, scheduled): (u64, Oldest, u64, Oldest, u64, Oldest, u64) =
+            pipe.query_async(&mut *conn).await?;
+        let oldest =
+            |v: Vec<(String, f64)>, band: f64| v.first().map(|(_, s)| (s - band * BAND) as i64);
+        Ok(QueueDepth {
+            ready: [c0, c1, c2],
+            oldest_ready_ms: [oldest(o0, 0.0), oldest(o1, 1.0), oldest(o2, 2.0)],
+            scheduled,
+        })
     }
 
     /// Every key under this prefix (tests check that a refused request left

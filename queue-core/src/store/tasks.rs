@@ -573,6 +573,16 @@ impl Store {
         .await?)
     }
 
+    /// Running tasks per queue. Uses the partial index over running tasks,
+    /// so it costs what is running, not what is stored.
+    pub async fn running_by_queue(&self) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT model, count(*) FROM tasks WHERE status = 'running' GROUP BY model",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Number of tasks in each status (tests and the CLI use this).
     pub async fn count_by_status(&self) -> Result<Vec<(TaskStatus, i64)>> {
         Ok(
