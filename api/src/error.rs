@@ -28,6 +28,12 @@ pub enum ApiError {
         field: &'static str,
         message: &'static str,
     },
+    /// The admin routes need the admin token.
+    #[error("this route needs the admin token (Authorization: Bearer <INFERQ_ADMIN_TOKEN>)")]
+    Unauthorized,
+    /// The admin routes are off: no token is set and the API is not on loopback.
+    #[error("admin routes are served only on a loopback address while INFERQ_ADMIN_TOKEN is unset")]
+    AdminDisabled,
     #[error("{what} not found")]
     NotFound { what: &'static str },
     #[error("task is already {status}; only unfinished tasks can be cancelled")]
@@ -71,6 +77,8 @@ impl IntoResponse for ApiError {
                 "invalid_query",
                 Some((*field).to_owned()),
             ),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            ApiError::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled", None),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable", None),
             ApiError::IdempotencyKeyReused => (
@@ -105,7 +113,14 @@ impl IntoResponse for ApiError {
         if let Some(field) = field {
             error["field"] = json!(field);
         }
-        (status, Json(json!({ "error": error }))).into_response()
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"inferq-admin\""),
+            );
+        }
+        response
     }
 }
 

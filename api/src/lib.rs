@@ -4,6 +4,7 @@
 //!
 //! - [`routes`]: one module per resource (`tasks`, `batches`, `queues`, `dlq`, `health`);
 //!   `/metrics` renders the process's Prometheus recorder.
+//! - [`admin`]: who may use the admin routes (`/queues`, `/dlq`).
 //! - [`error`]: `ApiError`, the one mapping of failures to HTTP.
 //! - [`waiters`]: long-poll (`?wait=`) waiters woken by completion events.
 //! - [`extract`]: our JSON body and id extractors (our error shape on bad
@@ -11,6 +12,7 @@
 //!
 //! [`app`] builds the router for `main` and for the tests alike.
 
+pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod routes;
@@ -28,6 +30,8 @@ pub struct AppState {
     pub service: Service,
     /// Long-poll waiters, woken by the completion-event subscription.
     pub waiters: Arc<waiters::Waiters>,
+    /// Who may use the admin routes.
+    pub admin: Arc<admin::AdminAccess>,
 }
 
 impl AppState {
@@ -36,7 +40,17 @@ impl AppState {
     pub fn new(service: Service) -> AppState {
         let waiters = Arc::new(waiters::Waiters::default());
         waiters::spawn_listener(service.queue.clone(), waiters.clone());
-        AppState { service, waiters }
+        AppState {
+            service,
+            waiters,
+            admin: Arc::new(admin::AdminAccess::loopback_only(true)),
+        }
+    }
+
+    /// Sets who may use the admin routes.
+    pub fn with_admin(mut self, access: admin::AdminAccess) -> AppState {
+        self.admin = Arc::new(access);
+        self
     }
 }
 
@@ -48,8 +62,14 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .merge(routes::tasks::router())
         .merge(routes::batches::router())
         .merge(routes::health::router())
-        .merge(routes::queues::router())
-        .merge(routes::dlq::router())
+        .merge(
+            routes::queues::router()
+                .merge(routes::dlq::router())
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    admin::require,
+                )),
+        )
         .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { error::ApiError::NotFound { what: "route" } })
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -42,7 +42,15 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let queue = Queue::connect(&cli.store).context("configuring Redis")?;
-    let state = AppState::new(Service::new(store, queue));
+    let listener = tokio::net::TcpListener::bind(&cli.api.bind)
+        .await
+        .with_context(|| format!("binding {}", cli.api.bind))?;
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    let access = match cli.api.admin_token.clone() {
+        Some(token) => inferq_api::admin::AdminAccess::token(token),
+        None => inferq_api::admin::AdminAccess::loopback_only(loopback),
+    };
+    let state = AppState::new(Service::new(store, queue)).with_admin(access);
 
     let metrics = queue_core::telemetry::metrics();
     tokio::spawn(async move {
@@ -52,9 +60,6 @@ async fn main() -> anyhow::Result<()> {
             metrics.run_upkeep();
         }
     });
-    let listener = tokio::net::TcpListener::bind(&cli.api.bind)
-        .await
-        .with_context(|| format!("binding {}", cli.api.bind))?;
     tracing::info!(addr = %listener.local_addr()?, "inferq-api listening");
     axum::serve(listener, app(state, cli.api.max_body_bytes))
         .with_graceful_shutdown(queue_core::shutdown::signal())

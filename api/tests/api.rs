@@ -859,3 +859,62 @@ async fn redrive_checks_its_filter(pool: PgPool) {
         (StatusCode::OK, Some(0))
     );
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn admin_routes_need_the_token_or_loopback(pool: PgPool) {
+    use inferq_api::admin::AdminAccess;
+    let service = testkit::service(pool);
+    let with = |access: AdminAccess| {
+        app(
+            AppState::new(service.clone()).with_admin(access),
+            SMALL_LIMIT,
+        )
+    };
+    let call = |router: Router, auth: Option<&'static str>| async move {
+        let mut req = Request::builder().uri("/queues");
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let resp = router
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        (
+            resp.status(),
+            resp.headers().get(header::WWW_AUTHENTICATE).cloned(),
+        )
+    };
+    let guarded = with(AdminAccess::token("s3cret".into()));
+    let (status, challenge) = call(guarded.clone(), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(challenge.is_some(), "401 says how to authenticate");
+    assert_eq!(
+        call(guarded.clone(), Some("Bearer wrong")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(guarded.clone(), Some("Bearer s3cret")).await.0,
+        StatusCode::OK
+    );
+    // The task routes are not admin routes.
+    let submit = Request::builder()
+        .method("POST")
+        .uri("/tasks")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"model":"sim","prompt":"x"}"#))
+        .unwrap();
+    assert_eq!(
+        guarded.oneshot(submit).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+
+    assert_eq!(
+        call(with(AdminAccess::loopback_only(false)), None).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(with(AdminAccess::loopback_only(true)), None).await.0,
+        StatusCode::OK
+    );
+    service.queue.purge().await.unwrap();
+}

@@ -127,7 +127,16 @@ async fn wait_task(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let http = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &cli.admin_token {
+        let mut value: reqwest::header::HeaderValue =
+            format!("Bearer {token}").parse().context("--admin-token")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let url = cli.url.trim_end_matches('/').to_owned();
     match cli.command {
         Command::Submit {

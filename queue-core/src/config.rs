@@ -55,6 +55,12 @@ pub struct ApiConfig {
     /// 100,000-task batch of prompts of a few hundred bytes each.
     #[arg(long, env = "INFERQ_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Token the admin routes (`/queues`, `/dlq`) require as
+    /// `Authorization: Bearer <token>`. Unset, they are served only when the
+    /// API listens on a loopback address.
+    #[arg(long, env = "INFERQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// The worker pool.
