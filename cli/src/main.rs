@@ -23,6 +23,14 @@ struct Cli {
         global = true
     )]
     url: String,
+    /// The admin token, for `queues`, `pause`, `resume` and `dlq`.
+    #[arg(
+        long,
+        env = "INFERQ_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
