@@ -522,3 +522,39 @@ async fn queue_gauges_count_what_waits() {
         "oldest low task waited about a second: {age}"
     );
 }
+
+#[tokio::test]
+async fn the_admin_token_guards_queue_administration() {
+    let env = Env::new("admin");
+    let api = env.api(&[("INFERQ_ADMIN_TOKEN", "tok-123".into())]).await;
+    let cli = |args: &[&str]| {
+        std::process::Command::new(inferq_e2e::binary("inferq"))
+            .env_remove("INFERQ_ADMIN_TOKEN")
+            .arg("--url")
+            .arg(&api.base)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["pause", "sim"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["--admin-token", "tok-123", "pause", "sim"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["--admin-token", "tok-123", "queues"]);
+    assert!(out.status.success());
+    let (status, _) = api.get("/queues").await;
+    assert_eq!(status, 401);
+    assert!(
+        !env.log("api.log").contains("tok-123"),
+        "the token never reaches the logs"
+    );
+}
