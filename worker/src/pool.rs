@@ -108,7 +108,10 @@ impl Worker {
     pub async fn run(&self, shutdown: CancellationToken) {
         let inner = &self.inner;
         let tracker = TaskTracker::new();
-        let heartbeat = tokio::spawn(heartbeat(self.inner.clone(), shutdown.child_token()));
+        // Not a child of `shutdown`: leases must stay renewed while
+        // in-flight tasks drain, or the reaper would take them mid-drain.
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat(self.inner.clone(), heartbeat_stop.clone()));
         let sweeper = inner.config.sweep.then(|| {
             tokio::spawn(crate::sweeper::run(
                 inner.store.clone(),
@@ -192,7 +195,8 @@ impl Worker {
             inner.hard_stop.cancel();
             tracker.wait().await;
         }
-        heartbeat.abort();
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
         // Every attempt has been recorded (each waited for its reply), so
         // the completer has nothing left: stop it.
         if let Some(c) = completer {

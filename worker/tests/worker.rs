@@ -826,3 +826,39 @@ async fn redriving_1000_dead_letters_runs_them_again_with_their_history(pool: Pg
     assert_eq!(svc.redrive(&filter).await.unwrap(), 0);
     svc.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn leases_stay_renewed_while_a_shutdown_drains(pool: PgPool) {
+    // Regression: the heartbeat once stopped with the fetch loop, so a
+    // drain longer than the lease let the reaper take running tasks.
+    let svc = testkit::service(pool);
+    let id = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "drain", "params": {"sim": {"latency_ms": 3000}}}),
+    )
+    .await;
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            lease_secs: 1,
+            shutdown_grace_secs: 10,
+            sweep: false,
+            ..fast_retries()
+        },
+    );
+    wait_running(&svc, id).await;
+    let stopping = tokio::spawn(worker.stop());
+    let mut sweeper = Sweeper::new(100);
+    while !stopping.is_finished() {
+        let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+        assert_eq!(r.requeued + r.failed, 0, "a draining task's lease lapsed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stopping.await.unwrap();
+    let (t, h) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(
+        (t.status, t.attempts, h.len()),
+        (TaskStatus::Succeeded, 1, 1)
+    );
+    svc.queue.purge().await.unwrap();
+}
