@@ -918,3 +918,53 @@ async fn admin_routes_need_the_token_or_loopback(pool: PgPool) {
     );
     service.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn purge_deletes_only_matching_dead_letters(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let mut ids = Vec::new();
+    for model in ["gone", "gone", "kept"] {
+        let (_, t) = api
+            .post("/tasks", &json!({"model": model, "prompt": "x"}))
+            .await;
+        let id = uuid::Uuid::parse_str(t["id"].as_str().unwrap()).unwrap();
+        api.service
+            .store
+            .claim(&[id], std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        let failed = queue_core::store::Finish::Failed {
+            error: "boom".into(),
+        };
+        assert!(api.service.store.finish(id, 1, &failed).await.unwrap());
+        ids.push(id);
+    }
+    let (_, queued) = api
+        .post(
+            "/tasks",
+            &json!({"model": "gone", "prompt": "still queued"}),
+        )
+        .await;
+    let (status, body) = api.post("/dlq/purge", &json!({"model": "gone"})).await;
+    assert_eq!((status, body["purged"].as_u64()), (StatusCode::OK, Some(2)));
+    assert!(api.service.task(ids[0]).await.unwrap().is_none());
+    assert!(
+        api.service.task(ids[2]).await.unwrap().is_some(),
+        "another model's dead letter stays"
+    );
+    let (status, _) = api
+        .get(&format!("/tasks/{}", queued["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "an unfinished task of the model stays"
+    );
+    let (status, _) = api.post("/dlq/purge", &json!({})).await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a purge names what to purge"
+    );
+    api.service.queue.purge().await.unwrap();
+}

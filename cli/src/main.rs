@@ -89,6 +89,17 @@ enum DlqAction {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Delete matching failed tasks with their history.
+    Purge {
+        #[arg(long)]
+        task_id: Option<String>,
+        #[arg(long)]
+        batch_id: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        error_contains: Option<String>,
+    },
     /// Run matching failed tasks again with fresh attempts.
     Redrive {
         #[arg(long)]
@@ -130,6 +141,24 @@ async fn wait_task(
             bail!("task {id} is still {} after {timeout:?}", task["status"]);
         }
     }
+}
+
+/// The body of a dead-letter filter: only the fields given.
+fn dead_filter(
+    task_id: Option<String>,
+    batch_id: Option<String>,
+    model: Option<String>,
+    error_contains: Option<String>,
+) -> serde_json::Map<String, Value> {
+    [
+        ("task_id", task_id),
+        ("batch_id", batch_id),
+        ("model", model),
+        ("error_contains", error_contains),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k.to_owned(), Value::String(v))))
+    .collect()
 }
 
 #[tokio::main]
@@ -298,18 +327,32 @@ async fn main() -> anyhow::Result<()> {
                     error_contains,
                 },
         } => {
-            let body = json!({"task_id": task_id, "batch_id": batch_id, "model": model, "error_contains": error_contains});
-            let body: serde_json::Map<String, Value> = body
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let body = dead_filter(task_id, batch_id, model, error_contains);
             println!(
                 "{}",
                 check(
                     http.post(format!("{url}/dlq/redrive"))
+                        .json(&body)
+                        .send()
+                        .await?
+                )
+                .await?
+            );
+        }
+        Command::Dlq {
+            action:
+                DlqAction::Purge {
+                    task_id,
+                    batch_id,
+                    model,
+                    error_contains,
+                },
+        } => {
+            let body = dead_filter(task_id, batch_id, model, error_contains);
+            println!(
+                "{}",
+                check(
+                    http.post(format!("{url}/dlq/purge"))
                         .json(&body)
                         .send()
                         .await?

@@ -1,5 +1,5 @@
 //! `/dlq`: dead letters (tasks that ended `failed`). List them with
-//! `GET /tasks?status=failed&...`; re-drive them here.
+//! `GET /tasks?status=failed&...`; re-drive or purge them here.
 
 use axum::extract::State;
 use axum::routing::post;
@@ -12,8 +12,13 @@ use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::JsonBody;
 
+/// Dead letters deleted per statement by a purge.
+const PURGE_CHUNK: i64 = 1_000;
+
 pub fn router() -> Router<AppState> {
-    Router::new().route("/dlq/redrive", post(redrive))
+    Router::new()
+        .route("/dlq/redrive", post(redrive))
+        .route("/dlq/purge", post(purge))
 }
 
 fn invalid(field: &str, message: &str) -> ApiError {
@@ -23,10 +28,9 @@ fn invalid(field: &str, message: &str) -> ApiError {
     })
 }
 
-/// Body `{task_id?, batch_id?, model?, error_contains?}` (at least one):
-/// every matching failed task runs again with fresh attempts; its earlier
-/// attempts stay in its history under the previous run number.
-async fn redrive(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Value>> {
+/// The filter of a body `{task_id?, batch_id?, model?, error_contains?}`,
+/// at least one of them (an empty filter would take every dead letter).
+fn filter_of(body: &Value) -> Result<DeadFilter> {
     let obj = body
         .as_object()
         .ok_or_else(|| invalid("body", "must be a JSON object"))?;
@@ -55,6 +59,25 @@ async fn redrive(State(state): State<AppState>, JsonBody(body): JsonBody) -> Res
             "name at least one of task_id, batch_id, model, error_contains",
         ));
     }
-    let redriven = state.service.redrive(&filter).await?;
+    Ok(filter)
+}
+
+/// Every matching failed task runs again with fresh attempts; its earlier
+/// attempts stay in its history under the previous run number.
+async fn redrive(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Value>> {
+    let redriven = state.service.redrive(&filter_of(&body)?).await?;
     Ok(Json(json!({ "redriven": redriven })))
+}
+
+/// Deletes every matching failed task with its history, in chunks.
+async fn purge(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Value>> {
+    let filter = filter_of(&body)?;
+    let mut purged = 0;
+    loop {
+        let n = state.service.store.purge_dead(&filter, PURGE_CHUNK).await?;
+        purged += n;
+        if n < PURGE_CHUNK as u64 {
+            return Ok(Json(json!({ "purged": purged })));
+        }
+    }
 }

@@ -482,6 +482,30 @@ impl Store {
         .await?)
     }
 
+    /// Deletes dead letters matching `filter`, with their history, at most
+    /// `limit` per call. Returns how many went.
+    pub async fn purge_dead(&self, filter: &DeadFilter, limit: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM tasks WHERE id IN (
+                SELECT id FROM tasks
+                 WHERE status = 'failed'
+                   AND ($1::uuid IS NULL OR id = $1)
+                   AND ($2::uuid IS NULL OR batch_id = $2)
+                   AND ($3::text IS NULL OR model = $3)
+                   AND ($4::text IS NULL OR strpos(error, $4) > 0)
+                 ORDER BY id LIMIT $5
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(filter.task_id)
+        .bind(filter.batch_id)
+        .bind(filter.model.as_deref())
+        .bind(filter.error_contains.as_deref())
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Cancels a task that has not finished. A running attempt is closed as
     /// `cancelled` here; its worker notices (see [`Store::cancelled_among`]),
     /// stops the backend call, and its late result is refused by the fence.
