@@ -90,27 +90,37 @@ enum DlqAction {
         limit: u32,
     },
     /// Delete matching failed tasks with their history.
-    Purge {
-        #[arg(long)]
-        task_id: Option<String>,
-        #[arg(long)]
-        batch_id: Option<String>,
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long)]
-        error_contains: Option<String>,
-    },
+    Purge(DeadArgs),
     /// Run matching failed tasks again with fresh attempts.
-    Redrive {
-        #[arg(long)]
-        task_id: Option<String>,
-        #[arg(long)]
-        batch_id: Option<String>,
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long)]
-        error_contains: Option<String>,
-    },
+    Redrive(DeadArgs),
+}
+
+/// Which dead letters: at least one of these.
+#[derive(Debug, clap::Args)]
+struct DeadArgs {
+    #[arg(long)]
+    task_id: Option<String>,
+    #[arg(long)]
+    batch_id: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    error_contains: Option<String>,
+}
+
+impl DeadArgs {
+    /// The JSON filter: only the fields given.
+    fn body(self) -> serde_json::Map<String, Value> {
+        [
+            ("task_id", self.task_id),
+            ("batch_id", self.batch_id),
+            ("model", self.model),
+            ("error_contains", self.error_contains),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), Value::String(v))))
+        .collect()
+    }
 }
 
 async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
@@ -141,24 +151,6 @@ async fn wait_task(
             bail!("task {id} is still {} after {timeout:?}", task["status"]);
         }
     }
-}
-
-/// The body of a dead-letter filter: only the fields given.
-fn dead_filter(
-    task_id: Option<String>,
-    batch_id: Option<String>,
-    model: Option<String>,
-    error_contains: Option<String>,
-) -> serde_json::Map<String, Value> {
-    [
-        ("task_id", task_id),
-        ("batch_id", batch_id),
-        ("model", model),
-        ("error_contains", error_contains),
-    ]
-    .into_iter()
-    .filter_map(|(k, v)| v.map(|v| (k.to_owned(), Value::String(v))))
-    .collect()
 }
 
 #[tokio::main]
@@ -319,46 +311,19 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Dlq {
-            action:
-                DlqAction::Redrive {
-                    task_id,
-                    batch_id,
-                    model,
-                    error_contains,
-                },
+            action: action @ (DlqAction::Redrive(_) | DlqAction::Purge(_)),
         } => {
-            let body = dead_filter(task_id, batch_id, model, error_contains);
-            println!(
-                "{}",
-                check(
-                    http.post(format!("{url}/dlq/redrive"))
-                        .json(&body)
-                        .send()
-                        .await?
-                )
-                .await?
-            );
-        }
-        Command::Dlq {
-            action:
-                DlqAction::Purge {
-                    task_id,
-                    batch_id,
-                    model,
-                    error_contains,
-                },
-        } => {
-            let body = dead_filter(task_id, batch_id, model, error_contains);
-            println!(
-                "{}",
-                check(
-                    http.post(format!("{url}/dlq/purge"))
-                        .json(&body)
-                        .send()
-                        .await?
-                )
-                .await?
-            );
+            let (path, filter) = match action {
+                DlqAction::Redrive(f) => ("redrive", f),
+                DlqAction::Purge(f) => ("purge", f),
+                DlqAction::List { .. } => unreachable!("matched above"),
+            };
+            let resp = http
+                .post(format!("{url}/dlq/{path}"))
+                .json(&filter.body())
+                .send()
+                .await?;
+            println!("{}", check(resp).await?);
         }
         Command::Load(args) => std::process::exit(load::run(&url, args).await?),
     }

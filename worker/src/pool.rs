@@ -539,7 +539,8 @@ async fn attempt(
             Err(BackendError::Retryable { message, .. }) if called.outage => {
                 // The backend is down, not this task: hand it back
                 // uncharged; the open breaker keeps it queued meanwhile.
-                tracing::info!(backend = %route.name, error = %message, "backend outage: task handed back uncharged");
+                // Per task, so debug: the breaker logs the outage once, at warn.
+                tracing::debug!(backend = %route.name, error = %message, "backend outage: task handed back uncharged");
                 Finish::Released {
                     reason: format!("backend {} is failing ({message}); not charged", route.name),
                 }
