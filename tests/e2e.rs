@@ -81,31 +81,32 @@ async fn submit_batch_poll_and_cancel_through_the_real_binaries() {
     let (status, _) = api.delete(&format!("/tasks/{last}")).await;
     assert_eq!(status, 409);
 
-    // A task waiting out a long backoff can: it never runs again.
+    // A running task can: the call stops and no result is recorded.
     let (_, slow) = api
         .post(
             "/tasks",
-            &json!({"model": "sim", "prompt": "x", "params": {"sim": {"fail_attempts": 1}}}),
+            &json!({"model": "sim", "prompt": "x", "params": {"sim": {"latency_ms": 60000}}}),
         )
         .await;
     let id = slow["id"].as_str().unwrap();
-    // The workers retry after ~100 ms; cancel once it is scheduled or
-    // accept that it may already have finished (then 409).
-    let t = api
-        .poll_until(&format!("/tasks/{id}"), Duration::from_secs(10), |t| {
-            t["status"] == "scheduled" || is_terminal(t)
-        })
-        .await;
-    if t["status"] == "scheduled" {
-        let (status, c) = api.delete(&format!("/tasks/{id}")).await;
-        if status == 200 {
-            assert_eq!(c["status"], "cancelled");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let (_, after) = api.get(&format!("/tasks/{id}")).await;
-            assert_eq!(after["status"], "cancelled");
-            assert_eq!(after["attempts"], 1, "it never ran again");
-        }
-    }
+    api.poll_until(&format!("/tasks/{id}"), Duration::from_secs(10), |t| {
+        t["status"] == "running"
+    })
+    .await;
+    let (status, c) = api.delete(&format!("/tasks/{id}")).await;
+    assert_eq!(
+        (status, c["status"].as_str()),
+        (200, Some("cancelled")),
+        "{c}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, after) = api.get(&format!("/tasks/{id}")).await;
+    assert_eq!(after["status"], "cancelled");
+    assert!(
+        after["result"].is_null(),
+        "no result after the cancel: {after}"
+    );
+    assert_eq!(after["history"][0]["outcome"], "cancelled");
 
     let (status, ready) = api.get("/readyz").await;
     assert_eq!((status, ready["status"].as_str()), (200, Some("ok")));

@@ -93,7 +93,10 @@ impl IntoResponse for ApiError {
                 None,
             ),
             ApiError::Core(e) if e.is_unavailable() => {
-                tracing::warn!(error = %e, "store unavailable");
+                // Per request, and an outage makes thousands: counted, and
+                // logged at debug (the store clients log the outage itself).
+                metrics::counter!("inferq_api_unavailable_total").increment(1);
+                tracing::debug!(error = %e, "store unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
             }
             ApiError::Core(e) => {

@@ -275,11 +275,13 @@ async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending
                 Ok(None) | Err(_) => break,
             }
         }
-        let tasks: Vec<NewTask> = group.iter().map(|p| p.task.clone()).collect();
+        // Moved, not cloned again: the request already gave its own copy.
+        let (tasks, replies): (Vec<NewTask>, Vec<_>) =
+            group.into_iter().map(|p| (p.task, p.reply)).unzip();
         match service.commit_group(&tasks).await {
             Ok(accepted) => {
-                for (p, id) in group.into_iter().zip(accepted.ids) {
-                    let _ = p.reply.send(Ok(Accepted {
+                for (reply, id) in replies.into_iter().zip(accepted.ids) {
+                    let _ = reply.send(Ok(Accepted {
                         ids: vec![id],
                         created_at: accepted.created_at,
                     }));
@@ -287,8 +289,8 @@ async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending
             }
             Err(e) => {
                 let shared = std::sync::Arc::new(e);
-                for p in group {
-                    let _ = p.reply.send(Err(crate::Error::Shared(shared.clone())));
+                for reply in replies {
+                    let _ = reply.send(Err(crate::Error::Shared(shared.clone())));
                 }
             }
         }

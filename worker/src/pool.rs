@@ -586,14 +586,13 @@ fn retry_or_fail(
 /// Writes the outcome (retrying briefly through a PostgreSQL blip), then
 /// tells Redis when the task should run again, if it should.
 async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
-    let outcome = match &finish {
-        Finish::Succeeded { .. } => "succeeded",
-        Finish::Retry { .. } => "retried",
-        Finish::Failed { .. } => "failed",
-        Finish::Released { .. } => "released",
+    let counter = match &finish {
+        Finish::Succeeded { .. } => "inferq_tasks_succeeded_total",
+        Finish::Retry { .. } => "inferq_tasks_retried_total",
+        Finish::Failed { .. } => "inferq_tasks_failed_total",
+        Finish::Released { .. } => "inferq_tasks_released_total",
     };
-    metrics::counter!(format!("inferq_tasks_{outcome}_total"), "queue" => task.model.clone())
-        .increment(1);
+    metrics::counter!(counter, "queue" => task.model.clone()).increment(1);
     if matches!(finish, Finish::Succeeded { .. } | Finish::Failed { .. }) {
         let e2e = (chrono::Utc::now() - task.created_at)
             .to_std()

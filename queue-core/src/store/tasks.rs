@@ -17,6 +17,14 @@ use crate::task::{AttemptRecord, Input, NewTask, TaskRecord, TaskStatus};
 /// one transaction, so it is still accepted all or none.
 const INSERT_CHUNK: usize = 5_000;
 
+/// The dead letters a [`DeadFilter`] names ($1 task, $2 batch, $3 model,
+/// $4 error substring), shared by re-drive and purge.
+const DEAD_MATCH: &str = "status = 'failed'
+                   AND ($1::uuid IS NULL OR id = $1)
+                   AND ($2::uuid IS NULL OR batch_id = $2)
+                   AND ($3::text IS NULL OR model = $3)
+                   AND ($4::text IS NULL OR strpos(error, $4) > 0)";
+
 const TASK_COLUMNS: &str = "id, batch_id, model, priority, status, input, params, metadata, \
      attempts, max_attempts, result, error, run_at, cache, progress, created_at, started_at, finished_at";
 
@@ -455,14 +463,10 @@ impl Store {
     pub async fn redrive(&self, filter: &DeadFilter, limit: i64) -> Result<Vec<Redriven>> {
         // Only failures from before the re-drive began: a task that fails
         // again meanwhile is not taken twice by one re-drive.
-        Ok(sqlx::query_as::<_, Redriven>(
+        let sql = format!(
             "WITH picked AS (
                 SELECT id FROM tasks
-                 WHERE status = 'failed'
-                   AND ($1::uuid IS NULL OR id = $1)
-                   AND ($2::uuid IS NULL OR batch_id = $2)
-                   AND ($3::text IS NULL OR model = $3)
-                   AND ($4::text IS NULL OR strpos(error, $4) > 0)
+                 WHERE {DEAD_MATCH}
                    AND finished_at <= $6
                  ORDER BY id LIMIT $5
                  FOR UPDATE SKIP LOCKED
@@ -470,39 +474,37 @@ impl Store {
              UPDATE tasks SET status = 'queued', attempts = 0, run = run + 1, error = NULL,
                               result = NULL, finished_at = NULL, run_at = NULL
                FROM picked WHERE tasks.id = picked.id
-             RETURNING tasks.id, tasks.model, tasks.priority, tasks.created_at",
-        )
-        .bind(filter.task_id)
-        .bind(filter.batch_id)
-        .bind(filter.model.as_deref())
-        .bind(filter.error_contains.as_deref())
-        .bind(limit)
-        .bind(filter.failed_before.unwrap_or_else(Utc::now))
-        .fetch_all(&self.pool)
-        .await?)
+             RETURNING tasks.id, tasks.model, tasks.priority, tasks.created_at"
+        );
+        Ok(sqlx::query_as::<_, Redriven>(sqlx::AssertSqlSafe(sql))
+            .bind(filter.task_id)
+            .bind(filter.batch_id)
+            .bind(filter.model.as_deref())
+            .bind(filter.error_contains.as_deref())
+            .bind(limit)
+            .bind(filter.failed_before.unwrap_or_else(Utc::now))
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Deletes dead letters matching `filter`, with their history, at most
     /// `limit` per call. Returns how many went.
     pub async fn purge_dead(&self, filter: &DeadFilter, limit: i64) -> Result<u64> {
-        let done = sqlx::query(
+        let sql = format!(
             "DELETE FROM tasks WHERE id IN (
                 SELECT id FROM tasks
-                 WHERE status = 'failed'
-                   AND ($1::uuid IS NULL OR id = $1)
-                   AND ($2::uuid IS NULL OR batch_id = $2)
-                   AND ($3::text IS NULL OR model = $3)
-                   AND ($4::text IS NULL OR strpos(error, $4) > 0)
+                 WHERE {DEAD_MATCH}
                  ORDER BY id LIMIT $5
-                 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(filter.task_id)
-        .bind(filter.batch_id)
-        .bind(filter.model.as_deref())
-        .bind(filter.error_contains.as_deref())
-        .bind(limit)
-        .execute(&self.pool)
-        .await?;
+                 FOR UPDATE SKIP LOCKED)"
+        );
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(filter.task_id)
+            .bind(filter.batch_id)
+            .bind(filter.model.as_deref())
+            .bind(filter.error_contains.as_deref())
+            .bind(limit)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 

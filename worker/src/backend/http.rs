@@ -94,6 +94,12 @@ pub async fn send(
     Err(classify_status(status.as_u16(), retry_after, &body))
 }
 
+/// An answer the server sent but we cannot read: the server failed, not
+/// the request, so another attempt may do better.
+pub fn malformed(what: &str) -> BackendError {
+    BackendError::retryable(format!("malformed answer from the server: {what}"))
+}
+
 /// A reqwest error: the server or the network failed, so try again, unless
 /// the request itself could not be built.
 pub fn transport_error(e: &reqwest::Error) -> BackendError {

@@ -16,7 +16,7 @@ use queue_core::task::Input;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::http::{self, Lines, Timeouts};
+use super::http::{self, Lines, Timeouts, malformed};
 use super::{Backend, BackendError, Inference, InferenceRequest, Usage};
 
 /// Ollama's endpoint for a task.
@@ -97,10 +97,6 @@ impl OllamaBackend {
             }
         }
     }
-}
-
-fn malformed(what: &str) -> BackendError {
-    BackendError::retryable(format!("malformed answer from the server: {what}"))
 }
 
 /// Usage and timing from the final object (`done: true`).

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::http::{self, Lines, Timeouts};
+use super::http::{self, Lines, Timeouts, malformed};
 use super::{Backend, BackendError, Inference, InferenceRequest, Usage};
 
 #[derive(Debug, Clone)]
@@ -68,10 +68,6 @@ fn usage_of(v: &Value) -> Option<Usage> {
         .and_then(Value::as_u64)
         .unwrap_or(0);
     Some(Usage::new(prompt, completion))
-}
-
-fn malformed(what: &str) -> BackendError {
-    BackendError::retryable(format!("malformed answer from the server: {what}"))
 }
 
 #[async_trait]
