@@ -31,7 +31,7 @@ batch=$(curl -sf -X POST localhost:18181/batches -H 'content-type: application/j
 t1=$(date +%s.%N)
 echo "W1 enqueue batch 50000: $(python3 -c "print(round(50000/($t1-$t0)))") jobs/s ($(python3 -c "print(round($t1-$t0,2))") s)"
 
-INFERQ_CONCURRENCY=64 INFERQ_POLL_MS=1 "$bin/inferq-worker" & worker=$!
+INFERQ_CONCURRENCY=64 "$bin/inferq-worker" & worker=$!
 t2=$(date +%s.%N)
 until curl -sf "localhost:18181/batches/$batch?wait=10" | grep -q '"status":"completed"'; do :; done
 t3=$(date +%s.%N)

@@ -8,7 +8,7 @@
 #   scripts/llm-server.sh stop
 #
 # install compiles llama.cpp the first time (about 10 to 17 minutes on 2
-# cores); pip caches the built wheel, so later installs take seconds.
+# cores) into a venv that stays, so later installs take seconds.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON=0.3.36
@@ -21,13 +21,27 @@ venv="$home/venv"
 model="$home/$MODEL_FILE"
 pidfile="$home/server.pid"
 
+# A portable build: llama.cpp's default (-march=native) emits what the CPU
+# advertises, and on these VMs that includes AMX, whose tile state the
+# kernel does not enable: the first matrix multiply dies with a general
+# protection fault (ldtilecfg). AVX2 and FMA are kept.
+BUILD_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+
 install() {
   mkdir -p "$home"
   if ! "$venv/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip
-    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-      "$venv/bin/pip" install --quiet "llama-cpp-python[server]==$LLAMA_CPP_PYTHON"
+    rm -f "$venv/.inferq-build"
+  fi
+  # The marker records the flags of the installed build; pip's wheel cache
+  # does not key on them, so a rebuild bypasses it.
+  if [ "$(cat "$venv/.inferq-build" 2>/dev/null)" != "$LLAMA_CPP_PYTHON $BUILD_FLAGS" ]; then
+    echo "llm-server: building llama-cpp-python $LLAMA_CPP_PYTHON (minutes, once)" >&2
+    CMAKE_ARGS="$BUILD_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+      "$venv/bin/pip" install --quiet --no-cache-dir --force-reinstall \
+      "llama-cpp-python[server]==$LLAMA_CPP_PYTHON"
+    echo "$LLAMA_CPP_PYTHON $BUILD_FLAGS" >"$venv/.inferq-build"
   fi
   if ! echo "$MODEL_SHA256  $model" | sha256sum --check --status 2>/dev/null; then
     tmp="$(mktemp -d)"
@@ -37,6 +51,12 @@ install() {
     rm -rf "$tmp"
     echo "$MODEL_SHA256  $model" | sha256sum --check --quiet
   fi
+  # One token through the model, so a build that cannot run here fails
+  # now, not as a test timeout.
+  "$venv/bin/python" -c "
+from llama_cpp import Llama
+Llama(model_path='$model', n_ctx=256, n_threads=2, verbose=False)('Hi', max_tokens=1)
+" || { echo "llm-server: the installed llama.cpp cannot run a model here" >&2; exit 1; }
   echo "installed: $venv, $model"
 }
 

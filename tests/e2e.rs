@@ -467,6 +467,30 @@ async fn metrics_after_a_known_workload() {
         sample(&api_text, r#"inferq_queue_running{queue="metered"}"#),
         Some(0.0)
     );
+    // Every attempt that ran to an outcome is timed; the cancelled one
+    // had none.
+    assert_eq!(
+        sample(
+            &worker_text,
+            r#"inferq_task_running_seconds_count{queue="metered"}"#
+        ),
+        Some(9.0)
+    );
+    // The same workload as the operators' queue listing shows it.
+    let (status, queues) = api.get("/queues").await;
+    assert_eq!(status, 200);
+    let metered = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "metered")
+        .expect("the queue is listed")
+        .clone();
+    assert_eq!(metered["last_minute"], json!({"succeeded": 7, "failed": 2}));
+    assert_eq!(metered["failed"], 2, "dead letters held: {metered}");
+    assert_eq!(metered["running"], 0);
+    assert_eq!(metered["ready"], 0);
+    assert_eq!(metered["paused"], false);
 }
 
 #[tokio::test]
@@ -522,6 +546,21 @@ async fn queue_gauges_count_what_waits() {
         (1.0..30.0).contains(&age),
         "oldest low task waited about a second: {age}"
     );
+    let (_, queues) = api.get("/queues").await;
+    let waiting = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "waiting")
+        .expect("the queue is listed")
+        .clone();
+    assert_eq!(waiting["ready"], 5);
+    assert_eq!(
+        waiting["ready_by_priority"],
+        json!({"high": 2, "normal": 0, "low": 3})
+    );
+    let age = waiting["oldest_ready_age_seconds"].as_f64().unwrap();
+    assert!((1.0..30.0).contains(&age), "{waiting}");
 }
 
 #[tokio::test]
@@ -554,8 +593,121 @@ async fn the_admin_token_guards_queue_administration() {
     assert!(out.status.success());
     let (status, _) = api.get("/queues").await;
     assert_eq!(status, 401);
+
+    // Dead letters through the CLI: list by error text, then re-drive.
+    let _worker = env.worker("worker.log", &[]);
+    let (_, failing) = api
+        .post(
+            "/tasks",
+            &json!({"model": "admin-dl", "prompt": "x", "max_attempts": 1,
+                    "params": {"sim": {"fail_runs": 1}}}),
+        )
+        .await;
+    let id = failing["id"].as_str().unwrap().to_owned();
+    api.poll_until(&format!("/tasks/{id}"), Duration::from_secs(20), |t| {
+        t["status"] == "failed"
+    })
+    .await;
+    let listed = |args: &[&str]| {
+        let mut all = vec!["--admin-token", "tok-123", "dlq", "list"];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(&["--error-contains", "injected failure"]),
+        [id.as_str()]
+    );
+    assert!(listed(&["--error-contains", "no such error"]).is_empty());
+    let out = cli(&[
+        "--admin-token",
+        "tok-123",
+        "dlq",
+        "redrive",
+        "--model",
+        "admin-dl",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let task = api
+        .poll_until(
+            &format!("/tasks/{id}"),
+            Duration::from_secs(20),
+            is_terminal,
+        )
+        .await;
+    assert_eq!(task["status"], "succeeded", "{task}");
+    assert_eq!(task["run"], 2);
     assert!(
         !env.log("api.log").contains("tok-123"),
         "the token never reaches the logs"
     );
+}
+
+/// `inferq bench --smoke`: every workload of BENCHMARKS.md runs against
+/// the real binaries and lands in the table, so the benchmark cannot rot.
+/// Only W3's correctness is asserted; no figure is.
+#[tokio::test]
+async fn the_benchmark_smoke_run_covers_every_workload() {
+    let port = inferq_e2e::free_port();
+    let json = std::env::temp_dir().join(format!("inferq-bench-smoke-{port}.json"));
+    let database = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let server = database
+        .rsplit_once('/')
+        .map_or(database.as_str(), |(s, _)| s);
+    let out = tokio::process::Command::new(inferq_e2e::binary("inferq"))
+        .args([
+            "bench",
+            "--smoke",
+            "--port",
+            &port.to_string(),
+            "--postgres",
+            server,
+        ])
+        .arg("--redis")
+        .arg(inferq_e2e::redis_url())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for w in ["W1", "W2", "W3", "W4", "W5"] {
+        assert!(
+            rows.iter().any(|r| r["workload"] == w),
+            "{w} missing: {stdout}"
+        );
+    }
+    let w3 = rows
+        .iter()
+        .find(|r| {
+            r["figure"]
+                .as_str()
+                .unwrap()
+                .starts_with("succeeded with exactly 3")
+        })
+        .unwrap();
+    assert_eq!(w3["value"], "200 of 200 / 0 / 0");
+    assert!(rows.iter().any(|r| r["figure"] == "peak RSS"));
 }

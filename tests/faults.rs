@@ -22,7 +22,6 @@ fn worker_env(concurrency: usize) -> Vec<(&'static str, String)> {
         ("INFERQ_SWEEP_MS", "200".into()),
         ("INFERQ_RETRY_INITIAL_MS", "50".into()),
         ("INFERQ_RETRY_MAX_MS", "1000".into()),
-        ("INFERQ_POLL_MS", "10".into()),
     ]
 }
 

@@ -24,10 +24,7 @@ pub enum ApiError {
     BadId { field: &'static str },
     /// A query parameter that cannot be what it names.
     #[error("{message}")]
-    BadQuery {
-        field: &'static str,
-        message: &'static str,
-    },
+    BadQuery { field: String, message: String },
     /// The admin routes need the admin token.
     #[error("this route needs the admin token (Authorization: Bearer <INFERQ_ADMIN_TOKEN>)")]
     Unauthorized,
@@ -58,6 +55,15 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl ApiError {
+    pub fn bad_query(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::BadQuery {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field) = match &self {
@@ -75,7 +81,7 @@ impl IntoResponse for ApiError {
             ApiError::BadQuery { field, .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_query",
-                Some((*field).to_owned()),
+                Some(field.clone()),
             ),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             ApiError::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled", None),

@@ -2,19 +2,21 @@
 //!
 //! # Layout
 //!
-//! - [`routes`]: one module per resource (`tasks`, `batches`, `queues`, `dlq`, `health`);
+//! - [`routes`]: one module per resource (`tasks`, `batches`, `queues`, `dlq`, `health`,
+//!   `ui` the dashboard);
 //!   `/metrics` renders the process's Prometheus recorder.
 //! - [`admin`]: who may use the admin routes (`/queues`, `/dlq`).
 //! - [`error`]: `ApiError`, the one mapping of failures to HTTP.
 //! - [`waiters`]: long-poll (`?wait=`) waiters woken by completion events.
 //! - [`extract`]: our JSON body and id extractors (our error shape on bad
-//!   input).
+//!   input); [`query`]: the listing routes' query strings.
 //!
 //! [`app`] builds the router for `main` and for the tests alike.
 
 pub mod admin;
 pub mod error;
 pub mod extract;
+pub mod query;
 pub mod routes;
 pub mod waiters;
 
@@ -32,6 +34,8 @@ pub struct AppState {
     pub waiters: Arc<waiters::Waiters>,
     /// Who may use the admin routes.
     pub admin: Arc<admin::AdminAccess>,
+    /// Serve the dashboard from this directory, not the binary.
+    pub ui_dir: routes::ui::UiDir,
 }
 
 impl AppState {
@@ -44,7 +48,14 @@ impl AppState {
             service,
             waiters,
             admin: Arc::new(admin::AdminAccess::loopback_only(true)),
+            ui_dir: None,
         }
+    }
+
+    /// Serves the dashboard's files from `dir` (to work on them).
+    pub fn with_ui_dir(mut self, dir: Option<std::path::PathBuf>) -> AppState {
+        self.ui_dir = dir.map(Arc::new);
+        self
     }
 
     /// Sets who may use the admin routes.
@@ -62,6 +73,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .merge(routes::tasks::router())
         .merge(routes::batches::router())
         .merge(routes::health::router())
+        .merge(routes::ui::router())
         .merge(
             routes::queues::router()
                 .merge(routes::dlq::router())

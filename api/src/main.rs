@@ -50,7 +50,9 @@ async fn main() -> anyhow::Result<()> {
         Some(token) => inferq_api::admin::AdminAccess::token(token),
         None => inferq_api::admin::AdminAccess::loopback_only(loopback),
     };
-    let state = AppState::new(Service::new(store, queue)).with_admin(access);
+    let state = AppState::new(Service::new(store, queue))
+        .with_admin(access)
+        .with_ui_dir(cli.api.ui_dir.clone());
 
     let metrics = queue_core::telemetry::metrics();
     tokio::spawn(async move {

@@ -140,10 +140,10 @@ pub fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
         Ok(secs) if secs.is_finite() && secs >= 0.0 => {
             Ok(Some(Duration::from_secs_f64(secs.min(MAX_WAIT_SECS))))
         }
-        _ => Err(ApiError::BadQuery {
-            field: "wait",
-            message: "wait must be a number of seconds (0 to 60; larger values are clamped)",
-        }),
+        _ => Err(ApiError::bad_query(
+            "wait",
+            "wait must be a number of seconds (0 to 60; larger values are clamped)",
+        )),
     }
 }
 
@@ -167,7 +167,7 @@ mod tests {
             assert!(
                 matches!(
                     wait_param(Some(bad)),
-                    Err(ApiError::BadQuery { field: "wait", .. })
+                    Err(ApiError::BadQuery { field, .. }) if field == "wait"
                 ),
                 "{bad}"
             );

@@ -802,7 +802,7 @@ async fn listing_pages_every_task_exactly_once_while_tasks_arrive(pool: PgPool) 
         ("status=done", "status"),
         ("limit=0", "limit"),
         ("cursor=x", "cursor"),
-        ("colour=red", "query"),
+        ("colour=red", "colour"),
     ] {
         let (status, body) = api.get(&format!("/tasks?{bad}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
@@ -823,10 +823,17 @@ async fn queues_show_depths_and_pause_state(pool: PgPool) {
         (status, paused["paused"].as_bool()),
         (StatusCode::OK, Some(true))
     );
-    let (_, q) = api.get("/queues").await;
+    let (_, mut q) = api.get("/queues").await;
+    let age = q["queues"][0]["oldest_ready_age_seconds"].take();
+    assert!(age.as_f64().is_some_and(|a| a >= 0.0), "{age}");
     assert_eq!(
         q["queues"],
-        json!([{"name": "qx", "ready": 2, "scheduled": 0, "paused": true}])
+        json!([{
+            "name": "qx", "paused": true, "ready": 2, "scheduled": 0, "running": 0,
+            "ready_by_priority": {"high": 0, "normal": 2, "low": 0},
+            "oldest_ready_age_seconds": null, "failed": 0,
+            "last_minute": {"succeeded": 0, "failed": 0},
+        }])
     );
     let (status, _) = api
         .send("POST", "/queues/qx/resume", None, Vec::new())
@@ -923,20 +930,7 @@ async fn purge_deletes_only_matching_dead_letters(pool: PgPool) {
     let api = Api::new(pool, SMALL_LIMIT);
     let mut ids = Vec::new();
     for model in ["gone", "gone", "kept"] {
-        let (_, t) = api
-            .post("/tasks", &json!({"model": model, "prompt": "x"}))
-            .await;
-        let id = uuid::Uuid::parse_str(t["id"].as_str().unwrap()).unwrap();
-        api.service
-            .store
-            .claim(&[id], std::time::Duration::from_secs(30))
-            .await
-            .unwrap();
-        let failed = queue_core::store::Finish::Failed {
-            error: "boom".into(),
-        };
-        assert!(api.service.store.finish(id, 1, &failed).await.unwrap());
-        ids.push(id);
+        ids.push(fail_one(&api, model, "boom").await);
     }
     let (_, queued) = api
         .post(
@@ -966,4 +960,224 @@ async fn purge_deletes_only_matching_dead_letters(pool: PgPool) {
         "a purge names what to purge"
     );
     api.service.queue.purge().await.unwrap();
+}
+
+/// Fails a submitted task with `error`, as a worker's last attempt would.
+async fn fail_one(api: &Api, model: &str, error: &str) -> uuid::Uuid {
+    let (_, t) = api
+        .post("/tasks", &json!({"model": model, "prompt": "x"}))
+        .await;
+    let id = uuid::Uuid::parse_str(t["id"].as_str().unwrap()).unwrap();
+    api.service
+        .store
+        .claim(&[id], std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let failed = queue_core::store::Finish::Failed {
+        error: error.into(),
+    };
+    assert!(api.service.store.finish(id, 1, &failed).await.unwrap());
+    id
+}
+
+fn ids_of(page: &Value) -> Vec<String> {
+    page["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn dead_letters_are_listed_by_error_text_and_time_range(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let early = fail_one(&api, "dl", "upstream timeout").await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let between = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let late_timeout = fail_one(&api, "dl", "upstream timeout again").await;
+    let late_bad = fail_one(&api, "dl", "bad request").await;
+    let other_model = fail_one(&api, "other", "upstream timeout").await;
+    api.post("/tasks", &json!({"model": "dl", "prompt": "queued"}))
+        .await;
+    let s = |id: uuid::Uuid| id.to_string();
+
+    let (status, page) = api.get("/dlq?model=dl").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        ids_of(&page),
+        [s(late_bad), s(late_timeout), s(early)],
+        "failed tasks of the model only, newest first"
+    );
+    let (_, page) = api.get("/dlq?model=dl&error_contains=timeout").await;
+    assert_eq!(ids_of(&page), [s(late_timeout), s(early)]);
+    let (_, page) = api.get(&format!("/dlq?finished_before={between}")).await;
+    assert_eq!(ids_of(&page), [s(early)]);
+    let (_, page) = api
+        .get(&format!(
+            "/dlq?finished_after={between}&error_contains=upstream%20timeout"
+        ))
+        .await;
+    assert_eq!(ids_of(&page), [s(other_model), s(late_timeout)]);
+    // The same filters on the general listing.
+    let (_, page) = api
+        .get("/tasks?status=failed&model=dl&error_contains=bad")
+        .await;
+    assert_eq!(ids_of(&page), [s(late_bad)]);
+    // Pages of one, by cursor.
+    let (_, first) = api.get("/dlq?model=dl&limit=1").await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (_, second) = api
+        .get(&format!("/dlq?model=dl&limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(ids_of(&second), [s(late_timeout)]);
+
+    for (query, field) in [
+        ("finished_after=yesterday", "finished_after"),
+        ("status=failed", "status"),
+        ("limit=5000", "limit"),
+    ] {
+        let (status, body) = api.get(&format!("/dlq?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(body["error"]["field"], field, "{query}: {body}");
+    }
+
+    // A re-drive by the same filter takes exactly what the listing showed.
+    let (status, body) = api
+        .post(
+            "/dlq/redrive",
+            &json!({"model": "dl", "error_contains": "timeout", "finished_after": between}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["redriven"].as_u64()),
+        (StatusCode::OK, Some(1))
+    );
+    let t = api.service.task(late_timeout).await.unwrap().unwrap().0;
+    assert_eq!(t.status, queue_core::task::TaskStatus::Queued);
+    let (status, body) = api
+        .post("/dlq/redrive", &json!({"finished_after": "soon"}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["field"], "finished_after");
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn batches_are_listed_newest_first_with_their_counts(pool: PgPool) {
+    let api = Api::new(pool, SMALL_LIMIT);
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let tasks: Vec<Value> = (0..n)
+            .map(|i| json!({"model": "b", "prompt": format!("{i}")}))
+            .collect();
+        let (status, b) = api.post("/batches", &json!({"tasks": tasks})).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        ids.push(b["id"].as_str().unwrap().to_owned());
+    }
+    let (status, page) = api.get("/batches?limit=2").await;
+    assert_eq!(status, StatusCode::OK);
+    let listed: Vec<&str> = page["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()]);
+    assert_eq!(page["batches"][0]["total"], 3);
+    assert_eq!(page["batches"][0]["counts"]["queued"], 3);
+    assert_eq!(page["batches"][0]["status"], "in_progress");
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, rest) = api.get(&format!("/batches?limit=2&cursor={cursor}")).await;
+    assert_eq!(rest["batches"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["batches"][0]["id"], ids[0].as_str());
+    assert_eq!(rest["next_cursor"], Value::Null);
+    let (status, body) = api.get("/batches?status=queued").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["field"], "status");
+    api.service.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn the_dashboard_logs_in_with_the_admin_token_and_its_cookie_opens_the_admin_routes(
+    pool: PgPool,
+) {
+    use inferq_api::admin::AdminAccess;
+    let service = testkit::service(pool);
+    let router = app(
+        AppState::new(service.clone()).with_admin(AdminAccess::token("s3cret".into())),
+        SMALL_LIMIT,
+    );
+    let call = |req: axum::http::request::Builder, body: &'static str| {
+        let router = router.clone();
+        async move {
+            let resp = router
+                .oneshot(req.body(Body::from(body)).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let header = |name: header::HeaderName| {
+                resp.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            let (location, cookie, kind) = (
+                header(header::LOCATION),
+                header(header::SET_COOKIE),
+                header(header::CONTENT_TYPE),
+            );
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, location, cookie, kind, bytes)
+        }
+    };
+    let get = |uri: &str| Request::builder().uri(uri);
+    let login = |token: &'static str| {
+        call(
+            Request::builder()
+                .method("POST")
+                .uri("/ui/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded"),
+            token,
+        )
+    };
+
+    let (status, location, ..) = call(get("/ui"), "").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location.as_deref(), Some("/ui/login"));
+    let (status, _, _, kind, page) = call(get("/ui/login"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(kind.unwrap().starts_with("text/html"));
+    assert!(String::from_utf8_lossy(&page).contains("name=\"token\""));
+
+    let (status, location, cookie, ..) = login("token=wrong").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location.as_deref(), Some("/ui/login?error=1"));
+    assert!(cookie.is_none(), "a wrong token logs nobody in");
+
+    let (status, location, cookie, ..) = login("token=s3cret").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location.as_deref(), Some("/ui"));
+    let cookie = cookie.expect("the right token sets the cookie");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    assert!(
+        !cookie.contains("s3cret"),
+        "the cookie never holds the token"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+
+    let with_cookie = |uri: &str, c: &str| get(uri).header(header::COOKIE, c.to_owned());
+    let (status, _, _, kind, page) = call(with_cookie("/ui", &pair), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(kind.unwrap().starts_with("text/html"));
+    assert!(String::from_utf8_lossy(&page).contains("/ui/app.js"));
+    let (status, ..) = call(with_cookie("/queues", &pair), "").await;
+    assert_eq!(status, StatusCode::OK, "the cookie opens the admin routes");
+    let (status, ..) = call(with_cookie("/queues", "inferq_admin=forged"), "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, _, kind, _) = call(get("/ui/app.js"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(kind.unwrap().starts_with("text/javascript"));
 }

@@ -3,6 +3,7 @@
 //! generator with a constant arrival rate (like k6's), HDR histograms and
 //! SLA gates that set the exit code.
 
+mod bench;
 mod load;
 
 use std::io::BufRead as _;
@@ -77,17 +78,33 @@ enum Command {
     },
     /// Generate load: see `inferq load --help`.
     Load(load::LoadArgs),
+    /// Run the workloads of BENCHMARKS.md (W1 to W5) against the real
+    /// binaries and print one table: see `inferq bench --help`.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum DlqAction {
+    /// Failed tasks, newest first (one page; `--cursor` for the next).
     List {
         #[arg(long)]
         model: Option<String>,
         #[arg(long)]
         batch_id: Option<String>,
+        /// Substring of the last error.
+        #[arg(long)]
+        error_contains: Option<String>,
+        /// Failed at or after this RFC 3339 time.
+        #[arg(long)]
+        finished_after: Option<String>,
+        /// Failed before this RFC 3339 time.
+        #[arg(long)]
+        finished_before: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// The `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Delete matching failed tasks with their history.
     Purge(DeadArgs),
@@ -106,6 +123,12 @@ struct DeadArgs {
     model: Option<String>,
     #[arg(long)]
     error_contains: Option<String>,
+    /// Failed at or after this RFC 3339 time.
+    #[arg(long)]
+    finished_after: Option<String>,
+    /// Failed before this RFC 3339 time.
+    #[arg(long)]
+    finished_before: Option<String>,
 }
 
 impl DeadArgs {
@@ -116,6 +139,8 @@ impl DeadArgs {
             ("batch_id", self.batch_id),
             ("model", self.model),
             ("error_contains", self.error_contains),
+            ("finished_after", self.finished_after),
+            ("finished_before", self.finished_before),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k.to_owned(), Value::String(v))))
@@ -294,20 +319,29 @@ async fn main() -> anyhow::Result<()> {
                 DlqAction::List {
                     model,
                     batch_id,
+                    error_contains,
+                    finished_after,
+                    finished_before,
                     limit,
+                    cursor,
                 },
         } => {
-            // Model names are `[A-Za-z0-9-_.:/@]`: all legal in a query as they are.
-            let mut q = format!("status=failed&limit={limit}");
-            if let Some(m) = model {
-                q.push_str(&format!("&model={m}"));
-            }
-            if let Some(b) = batch_id {
-                q.push_str(&format!("&batch_id={b}"));
+            let mut q = format!("limit={limit}");
+            for (k, v) in [
+                ("model", model),
+                ("batch_id", batch_id),
+                ("error_contains", error_contains),
+                ("finished_after", finished_after),
+                ("finished_before", finished_before),
+                ("cursor", cursor),
+            ] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={}", encode(&v)));
+                }
             }
             println!(
                 "{}",
-                check(http.get(format!("{url}/tasks?{q}")).send().await?).await?
+                check(http.get(format!("{url}/dlq?{q}")).send().await?).await?
             );
         }
         Command::Dlq {
@@ -326,6 +360,19 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", check(resp).await?);
         }
         Command::Load(args) => std::process::exit(load::run(&url, args).await?),
+        Command::Bench(args) => std::process::exit(bench::run(args).await?),
     }
     Ok(())
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -61,6 +61,10 @@ pub struct ApiConfig {
     /// API listens on a loopback address.
     #[arg(long, env = "INFERQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Serve the dashboard's files from this directory instead of the
+    /// copies built into the binary (for working on the dashboard).
+    #[arg(long, env = "INFERQ_UI_DIR")]
+    pub ui_dir: Option<std::path::PathBuf>,
 }
 
 /// The worker pool.
@@ -79,9 +83,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERQ_CLAIM_BATCH", default_value_t = 64)]
     pub claim_batch: usize,
 
-    /// Sleep when every queue was empty, in milliseconds.
-    #[arg(long, env = "INFERQ_POLL_MS", default_value_t = 20)]
-    pub poll_ms: u64,
+    /// Longest sleep of an idle worker, in milliseconds. New work wakes it
+    /// at once (Redis pub/sub), and a retry coming due wakes it on time;
+    /// this only bounds a wake-up that was missed.
+    #[arg(long, env = "INFERQ_IDLE_MS", default_value_t = 1000)]
+    pub idle_ms: u64,
 
     /// How long a claimed task is held without a heartbeat, in seconds.
     #[arg(long, env = "INFERQ_LEASE_SECS", default_value_t = 30)]
@@ -169,7 +175,7 @@ impl Default for WorkerConfig {
             concurrency: 32,
             queues: Vec::new(),
             claim_batch: 64,
-            poll_ms: 20,
+            idle_ms: 1000,
             lease_secs: 30,
             shutdown_grace_secs: 30,
             sweep: true,

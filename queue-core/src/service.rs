@@ -189,11 +189,7 @@ impl Service {
     }
 
     pub async fn task(&self, id: Uuid) -> Result<Option<(TaskRecord, Vec<AttemptRecord>)>> {
-        let Some(task) = self.store.task(id).await? else {
-            return Ok(None);
-        };
-        let history = self.store.history(id).await?;
-        Ok(Some((task, history)))
+        self.store.task_with_history(id).await
     }
 
     pub async fn batch(&self, id: Uuid) -> Result<Option<BatchRecord>> {
@@ -224,8 +220,11 @@ impl Service {
     /// a million failures never holds one huge transaction. Returns how many.
     pub async fn redrive(&self, filter: &DeadFilter) -> Result<u64> {
         const REDRIVE_CHUNK: i64 = 1_000;
+        // Only failures from before the re-drive began: a task that fails
+        // again meanwhile is not taken twice by one re-drive.
         let mut filter = filter.clone();
-        filter.failed_before.get_or_insert_with(Utc::now);
+        let now = Utc::now();
+        filter.finished_before = Some(filter.finished_before.map_or(now, |b| b.min(now)));
         let filter = &filter;
         let mut total = 0;
         loop {

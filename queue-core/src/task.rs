@@ -436,8 +436,12 @@ fn check_params(params: &Map<String, Value>, path: &str) -> Result<()> {
     if let Some(sim) = params.get("sim") {
         let at = format!("{path}.sim");
         let obj = object(sim, &at)?;
-        reject_unknown(obj, &at, &["latency_ms", "fail_attempts", "fail_permanent"])?;
-        for key in ["latency_ms", "fail_attempts"] {
+        reject_unknown(
+            obj,
+            &at,
+            &["latency_ms", "fail_attempts", "fail_permanent", "fail_runs"],
+        )?;
+        for key in ["latency_ms", "fail_attempts", "fail_runs"] {
             if let Some(v) = obj.get(key)
                 && v.as_u64().is_none_or(|n| n > 3_600_000)
             {
@@ -461,9 +465,17 @@ fn check_params(params: &Map<String, Value>, path: &str) -> Result<()> {
 
 impl NewBatch {
     pub fn from_json(value: &Value) -> Result<NewBatch> {
-        let obj = object(value, "")?;
+        NewBatch::from_owned_json(value.clone())
+    }
+
+    /// Like [`NewBatch::from_json`], consuming the value: each task's JSON is
+    /// freed as soon as it is checked, so a 100,000-task batch is never held
+    /// twice over (as a JSON tree and as tasks).
+    pub fn from_owned_json(mut value: Value) -> Result<NewBatch> {
+        let obj = object(&value, "")?;
         reject_unknown(obj, "", &["tasks", "metadata"])?;
-        let items = match obj.get("tasks") {
+        let metadata = metadata(obj, "")?;
+        let items = match value.get_mut("tasks").map(Value::take) {
             None | Some(Value::Null) => return Err(ValidationError::new("tasks", "is required")),
             Some(Value::Array(items)) => items,
             Some(_) => {
@@ -483,14 +495,11 @@ impl NewBatch {
             ));
         }
         let tasks = items
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(i, t)| NewTask::from_json(t, &format!("tasks[{i}]")))
+            .map(|(i, t)| NewTask::from_json(&t, &format!("tasks[{i}]")))
             .collect::<Result<Vec<_>>>()?;
-        Ok(NewBatch {
-            tasks,
-            metadata: metadata(obj, "")?,
-        })
+        Ok(NewBatch { tasks, metadata })
     }
 }
 
@@ -507,6 +516,8 @@ pub struct TaskRecord {
     pub metadata: Option<Value>,
     pub attempts: i32,
     pub max_attempts: i32,
+    /// 1, and one more per re-drive from the dead letters.
+    pub run: i32,
     pub result: Option<Value>,
     pub error: Option<String>,
     pub run_at: Option<DateTime<Utc>>,
@@ -524,7 +535,7 @@ impl TaskRecord {
 }
 
 /// One attempt of a task, as `GET /tasks/{id}` shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct AttemptRecord {
     /// 1, and one more for each re-drive of the task from the dead letters.
     pub run: i32,
@@ -545,6 +556,8 @@ pub struct BatchRecord {
     pub metadata: Option<Value>,
     pub created_at: DateTime<Utc>,
     pub counts: Vec<(TaskStatus, i64)>,
+    /// When the first of its tasks started, if one has.
+    pub started_at: Option<DateTime<Utc>>,
     /// When the last task finished, if all of them have.
     pub completed_at: Option<DateTime<Utc>>,
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use queue_core::queue::Queue;
 use queue_core::queue::events::Finished;
+use queue_core::queue::stats::Outcome;
 use queue_core::retry::io_backoff;
 use queue_core::store::Store;
 use serde_json::Value;
@@ -21,6 +22,8 @@ pub const MAX_BATCH: usize = 512;
 /// One successful attempt to record.
 pub struct Done {
     pub id: Uuid,
+    /// Its queue (model), for the throughput counters.
+    pub queue: String,
     pub attempt: i32,
     pub batch_id: Option<Uuid>,
     pub result: Value,
@@ -49,7 +52,7 @@ pub async fn run(store: Store, queue: Queue, mut rx: mpsc::Receiver<Done>) {
         let rows: Vec<(Uuid, i32, &Value)> =
             batch.iter().map(|d| (d.id, d.attempt, &d.result)).collect();
         let write = || store.finish_succeeded_many(&rows);
-        let held = match write
+        let held: std::collections::HashSet<Uuid> = match write
             .retry(io_backoff())
             .when(queue_core::Error::is_unavailable)
             .await
@@ -60,7 +63,9 @@ pub async fn run(store: Store, queue: Queue, mut rx: mpsc::Receiver<Done>) {
                 tracing::error!(error = %e, tasks = rows.len(), "could not record completions");
                 Vec::new()
             }
-        };
+        }
+        .into_iter()
+        .collect();
         let finished: Vec<Finished> = batch
             .iter()
             .filter(|d| held.contains(&d.id))
@@ -71,6 +76,16 @@ pub async fn run(store: Store, queue: Queue, mut rx: mpsc::Receiver<Done>) {
             .collect();
         if let Err(e) = queue.publish_finished(&finished).await {
             tracing::debug!(error = %e, "could not announce completions");
+        }
+        let mut per_queue: Vec<(&str, Outcome, u64)> = Vec::new();
+        for d in batch.iter().filter(|d| held.contains(&d.id)) {
+            match per_queue.iter_mut().find(|(q, _, _)| *q == d.queue) {
+                Some((_, _, n)) => *n += 1,
+                None => per_queue.push((&d.queue, Outcome::Succeeded, 1)),
+            }
+        }
+        if let Err(e) = queue.count_finished(&per_queue).await {
+            tracing::debug!(error = %e, "throughput not counted");
         }
         for d in batch {
             let ok = held.contains(&d.id);

@@ -16,6 +16,7 @@ use backon::Retryable as _;
 use futures::FutureExt as _;
 use queue_core::config::WorkerConfig;
 use queue_core::queue::events::Finished;
+use queue_core::queue::stats::Outcome;
 use queue_core::queue::{Popped, Queue, ReadyEntry};
 use queue_core::retry::{RetryPolicy, io_backoff};
 use queue_core::store::{ClaimedTask, Finish, Store};
@@ -61,6 +62,8 @@ struct Inner {
     in_flight: Mutex<HashMap<Uuid, InFlight>>,
     /// Fired when the grace period of a shutdown has run out.
     hard_stop: CancellationToken,
+    /// Notified when new work is announced (see `listen_for_work`).
+    wake: Arc<tokio::sync::Notify>,
     /// Successful attempts go to the completer, which writes them in
     /// batches; taken (once) by `run`.
     completions: crate::completer::Sender,
@@ -99,6 +102,7 @@ impl Worker {
                 policy,
                 in_flight: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
+                wake: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }
@@ -129,6 +133,7 @@ impl Worker {
                 rx,
             ))
         });
+        let wake_listener = tokio::spawn(listen_for_work(inner.queue.clone(), inner.wake.clone()));
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut fetcher = Fetcher::new(inner.config.queue_list());
         tracing::info!(concurrency = inner.config.concurrency, "worker started");
@@ -161,7 +166,7 @@ impl Worker {
                 gather(&mut permits);
             }
             let wait = match fetcher.fetch(inner, permits, &tracker).await {
-                Ok(0) => Duration::from_millis(inner.config.poll_ms),
+                Ok(0) => fetcher.idle_wait(inner).await,
                 Ok(_) => {
                     fetcher.errors = 0;
                     continue;
@@ -176,10 +181,14 @@ impl Worker {
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                // A permit stored by a wake that came during the fetch
+                // returns at once: no announcement is lost.
+                () = inner.wake.notified() => {}
                 () = shutdown.cancelled() => break,
             }
         }
 
+        wake_listener.abort();
         tracker.close();
         let grace = Duration::from_secs(inner.config.shutdown_grace_secs);
         tracing::info!(
@@ -211,6 +220,21 @@ impl Worker {
     }
 }
 
+/// Wakes the fetch loop whenever new work is announced, for as long as the
+/// worker runs (resubscribing after a Redis outage).
+async fn listen_for_work(queue: Queue, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let mut on_work = || wake.notify_one();
+        if let Err(e) = queue.listen_work(&mut on_work).await {
+            tracing::debug!(error = %e, "work announcements unavailable; retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How often a worker looks again while a breaker holds its queues back.
+const BREAKER_RECHECK: Duration = Duration::from_millis(20);
+
 /// The fetch side of the loop: which queue to look at next.
 struct Fetcher {
     configured: Vec<String>,
@@ -220,6 +244,8 @@ struct Fetcher {
     paused_at: Option<Instant>,
     next: usize,
     errors: u32,
+    /// The last fetch skipped a queue because its breaker was open.
+    held_back: bool,
 }
 
 impl Fetcher {
@@ -232,6 +258,27 @@ impl Fetcher {
             paused_at: None,
             next: 0,
             errors: 0,
+            held_back: false,
+        }
+    }
+
+    /// How long to sleep after a fetch found nothing, unless new work is
+    /// announced first: until the soonest retry is due, at most
+    /// `idle_ms`; briefly while a breaker holds queues back.
+    async fn idle_wait(&mut self, inner: &Inner) -> Duration {
+        let longest = Duration::from_millis(inner.config.idle_ms.max(1));
+        if self.held_back {
+            return BREAKER_RECHECK.min(longest);
+        }
+        let Ok(queues) = self.queues(&inner.queue).await else {
+            return longest;
+        };
+        match inner.queue.next_due_ms(&queues).await {
+            Ok(Some(due_ms)) => {
+                let until = (due_ms - chrono::Utc::now().timestamp_millis()).max(1) as u64;
+                Duration::from_millis(until).min(longest)
+            }
+            Ok(None) | Err(_) => longest,
         }
     }
 
@@ -267,6 +314,7 @@ impl Fetcher {
         mut permits: Vec<OwnedSemaphorePermit>,
         tracker: &TaskTracker,
     ) -> queue_core::Result<usize> {
+        self.held_back = false;
         let queues = self.queues(&inner.queue).await?;
         if queues.is_empty() {
             return Ok(0);
@@ -288,7 +336,10 @@ impl Fetcher {
             let want = match route.breaker.pull() {
                 Pull::Any => permits.len(),
                 Pull::Probe => 1,
-                Pull::None => continue,
+                Pull::None => {
+                    self.held_back = true;
+                    continue;
+                }
             };
             let popped = inner.queue.pop(name, want, now_ms).await?;
             if popped.is_empty() {
@@ -443,6 +494,7 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphore
             .get(&task.id)
             .map(|f| (f.stop.clone(), f.progress.clone()))
             .unwrap_or_default();
+        let started = Instant::now();
         let finish = match attempt(&inner, &task, &stop, progress).await {
             Some(finish) => finish,
             None => {
@@ -453,6 +505,8 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphore
                 return;
             }
         };
+        metrics::histogram!("inferq_task_running_seconds", "queue" => task.model.clone())
+            .record(started.elapsed().as_secs_f64());
         record(&inner, &task, finish).await;
         inner.in_flight.lock().expect("lock").remove(&task.id);
         metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
@@ -500,6 +554,7 @@ async fn attempt(
         input: task.input.0.clone(),
         params: task.params.0.clone(),
         attempt: task.attempts.max(1) as u32,
+        run: task.run.max(1) as u32,
         progress,
     };
     let call = AssertUnwindSafe(route.call(&request, stop)).catch_unwind();
@@ -601,11 +656,10 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
             .record(e2e.as_secs_f64());
     }
     if let Finish::Succeeded { result } = finish {
-        metrics::counter!("inferq_worker_attempts_total", "queue" => task.model.clone(), "outcome" => "succeeded")
-            .increment(1);
         let (reply, held) = tokio::sync::oneshot::channel();
         let done = crate::completer::Done {
             id: task.id,
+            queue: task.model.clone(),
             attempt: task.attempts,
             batch_id: task.batch_id,
             result,
@@ -617,13 +671,6 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
         return;
     }
     let write = || inner.store.finish(task.id, task.attempts, &finish);
-    let outcome = match &finish {
-        Finish::Succeeded { .. } => "succeeded",
-        Finish::Retry { .. } => "retried",
-        Finish::Failed { .. } => "failed",
-        Finish::Released { .. } => "released",
-    };
-    metrics::counter!("inferq_worker_attempts_total", "queue" => task.model.clone(), "outcome" => outcome).increment(1);
     let held = match write
         .retry(io_backoff())
         .when(queue_core::Error::is_unavailable)
@@ -661,6 +708,16 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 .await
         }
         Finish::Succeeded { .. } | Finish::Failed { .. } => {
+            // Counted for the queue's throughput; not worth a warning.
+            let outcome = if matches!(finish, Finish::Failed { .. }) {
+                Outcome::Failed
+            } else {
+                Outcome::Succeeded
+            };
+            let counted = [(task.model.as_str(), outcome, 1)];
+            if let Err(e) = inner.queue.count_finished(&counted).await {
+                tracing::debug!(error = %e, "throughput not counted");
+            }
             // Wakes long-polling clients at once.
             inner
                 .queue

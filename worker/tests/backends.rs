@@ -51,7 +51,7 @@ fn start(svc: &Service, router: Router) -> Running {
         svc.queue.clone(),
         router,
         WorkerConfig {
-            poll_ms: 5,
+            idle_ms: 1000,
             retry_initial_ms: 50,
             retry_jitter: 0.0,
             sweep: false,
@@ -412,7 +412,7 @@ async fn backend_metrics_count_requests_errors_tokens_and_breaker(pool: PgPool) 
         r#"inferq_backend_tokens_total{backend="fake-openai",direction="out"} 4"#,
         r#"inferq_backend_breaker_state{backend="fake-openai"} 0"#,
         r#"inferq_backend_latency_seconds_count{backend="fake-openai"} 2"#,
-        r#"inferq_worker_attempts_total{queue="fake",outcome="succeeded"} 1"#,
+        r#"inferq_tasks_succeeded_total{queue="fake"} 1"#,
     ] {
         assert!(
             text.lines().any(|l| l == line),

@@ -51,7 +51,7 @@ fn start(svc: &Service, config: WorkerConfig) -> RunningWorker {
 
 fn fast_retries() -> WorkerConfig {
     WorkerConfig {
-        poll_ms: 5,
+        idle_ms: 1000,
         retry_initial_ms: 300,
         retry_multiplier: 2.0,
         retry_max_ms: 10_000,
@@ -105,7 +105,7 @@ async fn strict_priority_then_fifo_with_one_slot(pool: PgPool) {
         &svc,
         WorkerConfig {
             concurrency: 1,
-            poll_ms: 5,
+            idle_ms: 1000,
             ..WorkerConfig::default()
         },
     );
@@ -170,7 +170,7 @@ async fn retries_succeed_on_the_third_attempt_within_backoff_bounds(pool: PgPool
         let next = history[n as usize].started_at;
         let gap = (next - failed_at).to_std().unwrap();
         // Slack: the run-at is computed a moment before the failure is
-        // committed, and the pop loop sleeps up to poll_ms when idle.
+        // committed, and an idle worker wakes when the retry is due.
         assert!(
             gap + Duration::from_millis(20) >= lo && gap <= hi + Duration::from_millis(400),
             "gap after attempt {n} was {gap:?}, outside [{lo:?}, {hi:?}]"
@@ -860,5 +860,50 @@ async fn leases_stay_renewed_while_a_shutdown_drains(pool: PgPool) {
         (t.status, t.attempts, h.len()),
         (TaskStatus::Succeeded, 1, 1)
     );
+    svc.queue.purge().await.unwrap();
+}
+
+/// An idle worker sleeps on an announcement, not a timer: with the
+/// longest idle sleep set to ten minutes, new work still runs at once, a
+/// retry still runs when it comes due, and a resumed queue is taken again.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn an_idle_worker_wakes_on_new_work_and_on_due_retries_not_a_timer(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            idle_ms: 600_000,
+            ..fast_retries()
+        },
+    );
+    // Long enough for the worker to find nothing and go to sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fresh = submit(&svc, json!({"model": "sim", "prompt": "wake up"})).await;
+    let (t, _) = wait_terminal(&svc, fresh).await;
+    assert_eq!(t.status, TaskStatus::Succeeded);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retried = submit(
+        &svc,
+        json!({"model": "sim", "prompt": "again", "params": {"sim": {"fail_attempts": 1}}}),
+    )
+    .await;
+    let (t, history) = wait_terminal(&svc, retried).await;
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    assert_eq!(history.len(), 2, "failed once, then ran when due");
+
+    svc.queue.pause("sim").await.unwrap();
+    // Past the worker's cache of paused queues (a quarter second).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let held = submit(&svc, json!({"model": "sim", "prompt": "held"})).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        svc.task(held).await.unwrap().unwrap().0.status,
+        TaskStatus::Queued
+    );
+    svc.queue.resume("sim").await.unwrap();
+    let (t, _) = wait_terminal(&svc, held).await;
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    worker.stop().await;
     svc.queue.purge().await.unwrap();
 }

@@ -13,12 +13,13 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
+use crate::query;
 use crate::routes::tasks::idempotency_key;
 use crate::waiters::wait_param;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/batches", post(submit))
+        .route("/batches", post(submit).get(list))
         .route("/batches/{id}", get(show))
 }
 
@@ -30,7 +31,9 @@ async fn submit(
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Value>)> {
     let key = idempotency_key(&headers, "batches", &body)?;
-    let batch = NewBatch::from_json(&body)?;
+    // Consumes the JSON: it is not held beside the tasks while they are
+    // written.
+    let batch = NewBatch::from_owned_json(body)?;
     let id = Uuid::now_v7();
     let (status, id, ids, created_at) = match state
         .service
@@ -104,6 +107,16 @@ async fn show(
     }
 }
 
+/// `GET /batches?limit=&cursor=`: newest first, each with its counts.
+async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>> {
+    let l = query::listing(query.as_deref(), &["limit", "cursor"])?;
+    let batches = state.service.store.list_batches(l.cursor, l.limit).await?;
+    Ok(Json(json!({
+        "batches": batches.iter().map(batch_view).collect::<Vec<_>>(),
+        "next_cursor": query::next_cursor(batches.len(), batches.last().map(|b| b.id), l.limit),
+    })))
+}
+
 const RECOUNT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn batch_view(batch: &BatchRecord) -> Value {
@@ -118,6 +131,7 @@ fn batch_view(batch: &BatchRecord) -> Value {
         "status": if batch.is_complete() { "completed" } else { "in_progress" },
         "metadata": batch.metadata,
         "created_at": batch.created_at,
+        "started_at": batch.started_at,
         "completed_at": batch.completed_at,
     })
 }

@@ -1,8 +1,8 @@
-//! `/dlq`: dead letters (tasks that ended `failed`). List them with
-//! `GET /tasks?status=failed&...`; re-drive or purge them here.
+//! `/dlq`: dead letters (tasks that ended `failed`): list, re-drive and
+//! purge them by filter.
 
-use axum::extract::State;
-use axum::routing::post;
+use axum::extract::{RawQuery, State};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use queue_core::store::DeadFilter;
 use queue_core::task::ValidationError;
@@ -11,15 +11,27 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::JsonBody;
+use crate::query;
+use crate::routes::tasks::page;
 
 /// Dead letters deleted per statement by a purge.
 const PURGE_CHUNK: i64 = 1_000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/dlq", get(list))
         .route("/dlq/redrive", post(redrive))
         .route("/dlq/purge", post(purge))
 }
+
+const FILTER_FIELDS: &[&str] = &[
+    "task_id",
+    "batch_id",
+    "model",
+    "error_contains",
+    "finished_after",
+    "finished_before",
+];
 
 fn invalid(field: &str, message: &str) -> ApiError {
     ApiError::Invalid(ValidationError {
@@ -28,8 +40,9 @@ fn invalid(field: &str, message: &str) -> ApiError {
     })
 }
 
-/// The filter of a body `{task_id?, batch_id?, model?, error_contains?}`,
-/// at least one of them (an empty filter would take every dead letter).
+/// The filter of a body `{task_id?, batch_id?, model?, error_contains?,
+/// finished_after?, finished_before?}` (times in RFC 3339), at least one of
+/// them (an empty filter would take every dead letter).
 fn filter_of(body: &Value) -> Result<DeadFilter> {
     let obj = body
         .as_object()
@@ -40,15 +53,27 @@ fn filter_of(body: &Value) -> Result<DeadFilter> {
         let id = || {
             text().and_then(|t| uuid::Uuid::parse_str(t).map_err(|_| invalid(k, "must be an id")))
         };
+        let time = || {
+            text().and_then(|t| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.to_utc())
+                    .map_err(|_| invalid(k, "must be an RFC 3339 time"))
+            })
+        };
         match k.as_str() {
             "task_id" => filter.task_id = Some(id()?),
             "batch_id" => filter.batch_id = Some(id()?),
             "model" => filter.model = Some(text()?.to_owned()),
             "error_contains" => filter.error_contains = Some(text()?.to_owned()),
+            "finished_after" => filter.finished_after = Some(time()?),
+            "finished_before" => filter.finished_before = Some(time()?),
             _ => {
                 return Err(invalid(
                     k,
-                    "unknown field; expected one of: task_id, batch_id, model, error_contains",
+                    &format!(
+                        "unknown field; expected one of: {}",
+                        FILTER_FIELDS.join(", ")
+                    ),
                 ));
             }
         }
@@ -56,10 +81,33 @@ fn filter_of(body: &Value) -> Result<DeadFilter> {
     if obj.is_empty() {
         return Err(invalid(
             "body",
-            "name at least one of task_id, batch_id, model, error_contains",
+            &format!("name at least one of: {}", FILTER_FIELDS.join(", ")),
         ));
     }
     Ok(filter)
+}
+
+/// `GET /dlq?model=&batch_id=&error_contains=&finished_after=&finished_before=&limit=&cursor=`:
+/// failed tasks, newest first, in the shape of `GET /tasks`.
+async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Json<Value>> {
+    let l = query::listing(
+        q.as_deref(),
+        &[
+            "model",
+            "batch_id",
+            "error_contains",
+            "finished_after",
+            "finished_before",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    let tasks = state
+        .service
+        .store
+        .list_dead(&l.dead_filter(), l.cursor, l.limit)
+        .await?;
+    Ok(Json(page(&tasks, l.limit)))
 }
 
 /// Every matching failed task runs again with fresh attempts; its earlier

@@ -5,3 +5,4 @@ pub mod dlq;
 pub mod health;
 pub mod queues;
 pub mod tasks;
+pub mod ui;

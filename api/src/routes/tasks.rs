@@ -8,8 +8,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use queue_core::idempotency::{IdempotencyKey, MAX_KEY_LEN};
 use queue_core::service::Submission;
-use queue_core::store::{CancelOutcome, TaskFilter};
-use queue_core::task::{AttemptRecord, NewTask, Priority, TaskRecord, TaskStatus, ValidationError};
+use queue_core::store::CancelOutcome;
+use queue_core::task::{AttemptRecord, NewTask, TaskRecord, TaskStatus, ValidationError};
 
 /// The header a client sets to make a submission safe to retry.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
+use crate::query;
 use crate::waiters::wait_param;
 
 pub fn router() -> Router<AppState> {
@@ -195,102 +196,37 @@ async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Jso
     }
 }
 
-/// Most tasks one page lists.
-const MAX_PAGE: i64 = 1000;
+/// Parameters of `GET /tasks`.
+const LIST_PARAMS: &[&str] = &[
+    "status",
+    "model",
+    "batch_id",
+    "priority",
+    "error_contains",
+    "finished_after",
+    "finished_before",
+    "limit",
+    "cursor",
+];
 
-/// `GET /tasks?status=&model=&batch_id=&priority=&limit=&cursor=`: newest
-/// first; `next_cursor` fetches the following page.
+/// `GET /tasks?status=&model=&batch_id=&priority=&error_contains=&finished_after=&finished_before=&limit=&cursor=`:
+/// newest first; `next_cursor` fetches the following page.
 async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>> {
-    let bad = |field: &'static str, message: &'static str| ApiError::BadQuery { field, message };
-    let mut filter = TaskFilter::default();
-    let mut cursor = None;
-    let mut limit = 50;
-    for (k, v) in query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.split_once('=').unwrap_or((p, "")))
-    {
-        let v = percent_decode(v);
-        match k {
-            "status" => {
-                filter.status = Some(TaskStatus::parse(&v).ok_or_else(|| {
-                    bad(
-                        "status",
-                        "status must be scheduled, queued, running, succeeded, failed or cancelled",
-                    )
-                })?);
-            }
-            "model" => filter.model = Some(v),
-            "batch_id" => {
-                filter.batch_id = Some(
-                    uuid::Uuid::parse_str(&v)
-                        .map_err(|_| bad("batch_id", "batch_id must be an id"))?,
-                );
-            }
-            "priority" => {
-                filter.priority = Some(
-                    Priority::parse(&v)
-                        .ok_or_else(|| bad("priority", "priority must be high, normal or low"))?,
-                );
-            }
-            "limit" => {
-                limit = v
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| bad("limit", "limit must be an integer from 1 to 1000"))?;
-            }
-            "cursor" => {
-                cursor = Some(
-                    uuid::Uuid::parse_str(&v)
-                        .map_err(|_| bad("cursor", "cursor must be a next_cursor value"))?,
-                );
-            }
-            _ => {
-                return Err(bad(
-                    "query",
-                    "unknown query parameter; expected status, model, batch_id, priority, limit, cursor",
-                ));
-            }
-        }
-    }
+    let l = query::listing(query.as_deref(), LIST_PARAMS)?;
     let tasks = state
         .service
         .store
-        .list_tasks(&filter, cursor, limit)
+        .list_tasks(&l.filter, l.cursor, l.limit)
         .await?;
-    let next = (tasks.len() as i64 == limit)
-        .then(|| tasks.last().map(|t| t.id))
-        .flatten();
-    Ok(Json(json!({
-        "tasks": tasks.iter().map(|t| task_view(t, None)).collect::<Vec<_>>(),
-        "next_cursor": next,
-    })))
+    Ok(Json(page(&tasks, l.limit)))
 }
 
-/// `%XX` and `+` in a query value (model names may hold `/` or `:`).
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A page of tasks as the listing routes answer it.
+pub fn page(tasks: &[TaskRecord], limit: i64) -> Value {
+    json!({
+        "tasks": tasks.iter().map(|t| task_view(t, None)).collect::<Vec<_>>(),
+        "next_cursor": query::next_cursor(tasks.len(), tasks.last().map(|t| t.id), limit),
+    })
 }
 
 /// The JSON shape of a task, as `GET /tasks/{id}` documents it.
@@ -303,6 +239,7 @@ pub fn task_view(task: &TaskRecord, history: Option<&[AttemptRecord]>) -> Value 
         "status": task.status,
         "attempts": task.attempts,
         "max_attempts": task.max_attempts,
+        "run": task.run,
         "result": task.result,
         "error": task.error,
         "metadata": task.metadata,

@@ -34,6 +34,29 @@ impl Queue {
         format!("{}:finished", self.prefix)
     }
 
+    /// New work: every push of ready or scheduled ids (and a resume)
+    /// publishes the queue's name here in the same pipeline, so idle
+    /// workers wake at once instead of polling.
+    pub(super) fn work_channel(&self) -> String {
+        format!("{}:work", self.prefix)
+    }
+
+    /// Subscribes to new-work announcements and calls `on_work` for each,
+    /// and once on (re)subscribing (announcements may have been missed),
+    /// until the connection drops (then returns, for the caller to call
+    /// again).
+    pub async fn listen_work(&self, on_work: &mut (dyn FnMut() + Send)) -> Result<()> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(self.work_channel()).await?;
+        on_work();
+        let mut messages = pubsub.on_message();
+        while messages.next().await.is_some() {
+            on_work();
+        }
+        Ok(())
+    }
+
     /// Announces finished tasks, in one pipeline.
     pub async fn publish_finished(&self, finished: &[Finished]) -> Result<()> {
         if finished.is_empty() {

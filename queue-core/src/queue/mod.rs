@@ -16,6 +16,7 @@
 //! queue" walks.
 
 pub mod events;
+pub mod stats;
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -192,9 +193,40 @@ impl Queue {
             .arg(self.queues_key())
             .arg(&queues)
             .ignore();
+        self.announce(&mut pipe, &queues);
         let mut conn = self.pool.get().await?;
         let () = pipe.query_async(&mut *conn).await?;
         Ok(())
+    }
+
+    /// Wakes idle workers: one `PUBLISH` per queue with new work.
+    fn announce(&self, pipe: &mut redis::Pipeline, queues: &[&str]) {
+        let channel = self.work_channel();
+        for q in queues {
+            pipe.cmd("PUBLISH").arg(&channel).arg(*q).ignore();
+        }
+    }
+
+    /// When the soonest scheduled task of these queues is due (ms), if any:
+    /// how long an idle worker may sleep before promoting it.
+    pub async fn next_due_ms(&self, queues: &[String]) -> Result<Option<i64>> {
+        if queues.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for q in queues {
+            pipe.cmd("ZRANGE")
+                .arg(self.scheduled_key(q))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let mut conn = self.pool.get().await?;
+        let firsts: Vec<Vec<(String, f64)>> = pipe.query_async(&mut *conn).await?;
+        Ok(firsts
+            .iter()
+            .filter_map(|f| f.first().map(|(_, due)| *due as i64))
+            .min())
     }
 
     /// Re-adds waiting tasks that Redis may have lost (the reconciler).
@@ -234,6 +266,7 @@ impl Queue {
             .arg(self.queues_key())
             .arg(&queues)
             .ignore();
+        self.announce(&mut pipe, &queues);
         let mut conn = self.pool.get().await?;
         let added: Vec<u64> = pipe.query_async(&mut *conn).await?;
         Ok(added.iter().sum())
@@ -257,6 +290,9 @@ impl Queue {
             .arg(member)
             .ignore();
         pipe.cmd("SADD").arg(self.queues_key()).arg(queue).ignore();
+        // An idle worker sleeps until the soonest due task: this may be
+        // sooner.
+        self.announce(&mut pipe, &[queue]);
         let () = pipe.query_async(&mut *conn).await?;
         Ok(())
     }
@@ -328,12 +364,11 @@ impl Queue {
     }
 
     pub async fn resume(&self, queue: &str) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SREM").arg(self.paused_key()).arg(queue).ignore();
+        self.announce(&mut pipe, &[queue]);
         let mut conn = self.pool.get().await?;
-        let _: i64 = redis::cmd("SREM")
-            .arg(self.paused_key())
-            .arg(queue)
-            .query_async(&mut *conn)
-            .await?;
+        let () = pipe.query_async(&mut *conn).await?;
         Ok(())
     }
 

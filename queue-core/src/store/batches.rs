@@ -8,6 +8,15 @@ use super::Store;
 use crate::error::Result;
 use crate::task::{BatchRecord, TaskStatus};
 
+/// Tasks of a batch in one status: how many, the last finish, the first
+/// start.
+type Counted = (
+    TaskStatus,
+    i64,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+);
+
 impl Store {
     /// A batch with its task counts per status. Counting uses the
     /// `(batch_id, status)` index, so it costs a scan of that batch's index
@@ -21,8 +30,9 @@ impl Store {
         let Some((id, total, metadata, created_at)) = head else {
             return Ok(None);
         };
-        let rows: Vec<(TaskStatus, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT status, count(*), max(finished_at) FROM tasks WHERE batch_id = $1 GROUP BY status",
+        let rows: Vec<Counted> = sqlx::query_as(
+            "SELECT status, count(*), max(finished_at), min(started_at)
+                   FROM tasks WHERE batch_id = $1 GROUP BY status",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -33,12 +43,61 @@ impl Store {
             total,
             metadata,
             created_at,
-            counts: rows.into_iter().map(|(s, n, _)| (s, n)).collect(),
+            started_at: rows.iter().filter_map(|r| r.3).min(),
+            counts: rows.into_iter().map(|(s, n, _, _)| (s, n)).collect(),
             completed_at: None,
         };
         if batch.is_complete() {
             batch.completed_at = last_finish;
         }
         Ok(Some(batch))
+    }
+
+    /// Batches newest first, after the cursor, each with its counts: one
+    /// query for the page and one grouped count over its tasks (by the
+    /// `tasks_batch` index).
+    pub async fn list_batches(&self, before: Option<Uuid>, limit: i64) -> Result<Vec<BatchRecord>> {
+        let heads: Vec<(Uuid, i32, Option<Value>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT id, total, metadata, created_at FROM batches
+              WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let ids: Vec<Uuid> = heads.iter().map(|h| h.0).collect();
+        type Row = (
+            Uuid,
+            TaskStatus,
+            i64,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT batch_id, status, count(*), max(finished_at), min(started_at) FROM tasks
+              WHERE batch_id = ANY($1) GROUP BY batch_id, status",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(heads
+            .into_iter()
+            .map(|(id, total, metadata, created_at)| {
+                let mine = rows.iter().filter(|r| r.0 == id);
+                let mut batch = BatchRecord {
+                    id,
+                    total,
+                    metadata,
+                    created_at,
+                    counts: mine.clone().map(|r| (r.1, r.2)).collect(),
+                    started_at: mine.clone().filter_map(|r| r.4).min(),
+                    completed_at: None,
+                };
+                if batch.is_complete() {
+                    batch.completed_at = mine.filter_map(|r| r.3).max();
+                }
+                batch
+            })
+            .collect())
     }
 }

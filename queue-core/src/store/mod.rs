@@ -63,6 +63,15 @@ impl Store {
             .await
     }
 
+    /// Drops the database at `url` with everything in it, closing its
+    /// connections first (`inferq bench` cleans up after itself with it).
+    pub async fn drop_database(url: &str) -> Result<()> {
+        if sqlx::Postgres::database_exists(url).await? {
+            sqlx::Postgres::force_drop_database(url).await?;
+        }
+        Ok(())
+    }
+
     /// Applies pending migrations. sqlx holds an advisory lock meanwhile, so
     /// several processes may call this at once.
     pub async fn migrate(&self) -> Result<()> {

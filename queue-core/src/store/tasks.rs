@@ -23,10 +23,12 @@ const DEAD_MATCH: &str = "status = 'failed'
                    AND ($1::uuid IS NULL OR id = $1)
                    AND ($2::uuid IS NULL OR batch_id = $2)
                    AND ($3::text IS NULL OR model = $3)
-                   AND ($4::text IS NULL OR strpos(error, $4) > 0)";
+                   AND ($4::text IS NULL OR strpos(error, $4) > 0)
+                   AND ($5::timestamptz IS NULL OR finished_at >= $5)
+                   AND ($6::timestamptz IS NULL OR finished_at < $6)";
 
 const TASK_COLUMNS: &str = "id, batch_id, model, priority, status, input, params, metadata, \
-     attempts, max_attempts, result, error, run_at, cache, progress, created_at, started_at, finished_at";
+     attempts, max_attempts, run, result, error, run_at, cache, progress, created_at, started_at, finished_at";
 
 /// A task a worker now holds, with what it needs to run it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -40,6 +42,8 @@ pub struct ClaimedTask {
     /// This attempt's number (1-based): the fence on every later write.
     pub attempts: i32,
     pub max_attempts: i32,
+    /// 1, and one more per re-drive from the dead letters.
+    pub run: i32,
     /// The client opted into the result cache.
     pub cache: bool,
     /// Orders the task within its band when it goes back to the queue.
@@ -84,8 +88,24 @@ pub struct DeadFilter {
     pub model: Option<String>,
     /// Substring of the task's last error.
     pub error_contains: Option<String>,
-    /// Only tasks that failed by then (a re-drive sets it to its start).
-    pub failed_before: Option<DateTime<Utc>>,
+    /// Failed at or after this time.
+    pub finished_after: Option<DateTime<Utc>>,
+    /// Failed before this time (a re-drive caps it at its own start).
+    pub finished_before: Option<DateTime<Utc>>,
+}
+
+impl DeadFilter {
+    fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(self.task_id)
+            .bind(self.batch_id)
+            .bind(self.model.as_deref())
+            .bind(self.error_contains.as_deref())
+            .bind(self.finished_after)
+            .bind(self.finished_before)
+    }
 }
 
 /// A re-driven task, to make ready again.
@@ -104,6 +124,10 @@ pub struct TaskFilter {
     pub model: Option<String>,
     pub batch_id: Option<Uuid>,
     pub priority: Option<crate::task::Priority>,
+    /// Substring of the task's last error.
+    pub error_contains: Option<String>,
+    pub finished_after: Option<DateTime<Utc>>,
+    pub finished_before: Option<DateTime<Utc>>,
 }
 
 /// What an insert did.
@@ -461,14 +485,11 @@ impl Store {
     /// each starts a new run with fresh attempts, its earlier attempts kept
     /// in its history. Returns what to push back to Redis.
     pub async fn redrive(&self, filter: &DeadFilter, limit: i64) -> Result<Vec<Redriven>> {
-        // Only failures from before the re-drive began: a task that fails
-        // again meanwhile is not taken twice by one re-drive.
         let sql = format!(
             "WITH picked AS (
                 SELECT id FROM tasks
                  WHERE {DEAD_MATCH}
-                   AND finished_at <= $6
-                 ORDER BY id LIMIT $5
+                 ORDER BY id LIMIT $7
                  FOR UPDATE SKIP LOCKED
              )
              UPDATE tasks SET status = 'queued', attempts = 0, run = run + 1, error = NULL,
@@ -476,13 +497,9 @@ impl Store {
                FROM picked WHERE tasks.id = picked.id
              RETURNING tasks.id, tasks.model, tasks.priority, tasks.created_at"
         );
-        Ok(sqlx::query_as::<_, Redriven>(sqlx::AssertSqlSafe(sql))
-            .bind(filter.task_id)
-            .bind(filter.batch_id)
-            .bind(filter.model.as_deref())
-            .bind(filter.error_contains.as_deref())
+        Ok(filter
+            .bind(sqlx::query_as::<_, Redriven>(sqlx::AssertSqlSafe(sql)))
             .bind(limit)
-            .bind(filter.failed_before.unwrap_or_else(Utc::now))
             .fetch_all(&self.pool)
             .await?)
     }
@@ -491,21 +508,51 @@ impl Store {
     /// `limit` per call. Returns how many went.
     pub async fn purge_dead(&self, filter: &DeadFilter, limit: i64) -> Result<u64> {
         let sql = format!(
-            "DELETE FROM tasks WHERE id IN (
-                SELECT id FROM tasks
-                 WHERE {DEAD_MATCH}
-                 ORDER BY id LIMIT $5
-                 FOR UPDATE SKIP LOCKED)"
+            "WITH gone AS (
+                DELETE FROM tasks WHERE id IN (
+                    SELECT id FROM tasks
+                     WHERE {DEAD_MATCH}
+                     ORDER BY id LIMIT $7
+                     FOR UPDATE SKIP LOCKED)
+                RETURNING 1)
+             SELECT count(*) FROM gone"
         );
-        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(filter.task_id)
-            .bind(filter.batch_id)
-            .bind(filter.model.as_deref())
-            .bind(filter.error_contains.as_deref())
+        let (n,): (i64,) = filter
+            .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)))
             .bind(limit)
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await?;
-        Ok(done.rows_affected())
+        Ok(n as u64)
+    }
+
+    /// Dead letters matching `filter`, newest first, after the cursor.
+    pub async fn list_dead(
+        &self,
+        filter: &DeadFilter,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<TaskRecord>> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks
+              WHERE {DEAD_MATCH} AND ($7::uuid IS NULL OR id < $7)
+              ORDER BY id DESC LIMIT $8"
+        );
+        Ok(filter
+            .bind(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql)))
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Dead letters per queue: the partial index `tasks_failed` holds only
+    /// failed tasks, so this reads no other row.
+    pub async fn dead_by_queue(&self) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT model, count(*) FROM tasks WHERE status = 'failed' GROUP BY model",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Cancels a task that has not finished. A running attempt is closed as
@@ -567,6 +614,9 @@ impl Store {
                 AND ($3::uuid IS NULL OR batch_id = $3)
                 AND ($4::int2 IS NULL OR priority = $4)
                 AND ($5::uuid IS NULL OR id < $5)
+                AND ($7::text IS NULL OR strpos(error, $7) > 0)
+                AND ($8::timestamptz IS NULL OR finished_at >= $8)
+                AND ($9::timestamptz IS NULL OR finished_at < $9)
               ORDER BY id DESC LIMIT $6"
         );
         Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
@@ -576,6 +626,9 @@ impl Store {
             .bind(filter.priority.map(|p| p.band()))
             .bind(before)
             .bind(limit)
+            .bind(filter.error_contains.as_deref())
+            .bind(filter.finished_after)
+            .bind(filter.finished_before)
             .fetch_all(&self.pool)
             .await?)
     }
@@ -586,6 +639,34 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?)
+    }
+
+    /// A task with every attempt of it, oldest first, in one query (a
+    /// long-poll reads this twice per task: it is on the hot path).
+    pub async fn task_with_history(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(TaskRecord, Vec<AttemptRecord>)>> {
+        #[derive(sqlx::FromRow)]
+        struct WithHistory {
+            #[sqlx(flatten)]
+            task: TaskRecord,
+            history: Json<Vec<AttemptRecord>>,
+        }
+        let sql = format!(
+            "SELECT {TASK_COLUMNS},
+                    coalesce((SELECT json_agg(json_build_object(
+                                'run', a.run, 'attempt', a.attempt, 'started_at', a.started_at,
+                                'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error)
+                              ORDER BY a.id)
+                         FROM task_attempts a WHERE a.task_id = tasks.id), '[]') AS history
+               FROM tasks WHERE id = $1"
+        );
+        Ok(sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| (r.task, r.history.0)))
     }
 
     /// Every attempt of a task, oldest first.

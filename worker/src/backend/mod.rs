@@ -40,6 +40,8 @@ pub struct InferenceRequest {
     pub params: Map<String, Value>,
     /// 1-based attempt number (the simulated backend's failure controls use it).
     pub attempt: u32,
+    /// 1-based run number: one more per re-drive from the dead letters.
+    pub run: u32,
     /// Tokens produced so far, for streaming backends; the worker records
     /// it on the task as progress.
     pub progress: Arc<AtomicU64>,

@@ -6,7 +6,9 @@
 //! `params.sim`:
 //! - `latency_ms`: how long the call takes (cancellable);
 //! - `fail_attempts`: the first N attempts fail with a retryable error;
-//! - `fail_permanent`: every attempt fails with a permanent error.
+//! - `fail_permanent`: every attempt fails with a permanent error;
+//! - `fail_runs`: every attempt of the first N runs fails with a permanent
+//!   error, so a re-drive from the dead letters (a new run) succeeds.
 
 use std::time::Duration;
 
@@ -50,6 +52,12 @@ impl Backend for SimBackend {
                 () = tokio::time::sleep(Duration::from_millis(latency)) => {}
                 () = cancel.cancelled() => return Err(BackendError::Cancelled),
             }
+        }
+        let fail_runs = get("fail_runs").and_then(Value::as_u64).unwrap_or(0);
+        if u64::from(request.run) <= fail_runs {
+            return Err(BackendError::Permanent {
+                message: format!("sim: injected failure in run {}", request.run),
+            });
         }
         if get("fail_permanent").and_then(Value::as_bool) == Some(true) {
             return Err(BackendError::Permanent {
@@ -97,6 +105,7 @@ mod tests {
             input: Input::Prompt("one two three".into()),
             params: params.as_object().cloned().unwrap_or_default(),
             attempt,
+            run: 1,
             progress: Default::default(),
         }
     }
@@ -133,6 +142,13 @@ mod tests {
                 .await,
             Err(BackendError::Permanent { .. })
         ));
+        let mut first_run = request(json!({"sim": {"fail_runs": 1}}), 1);
+        assert!(matches!(
+            SimBackend.infer(&first_run, &cancel).await,
+            Err(BackendError::Permanent { .. })
+        ));
+        first_run.run = 2;
+        assert!(SimBackend.infer(&first_run, &cancel).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]

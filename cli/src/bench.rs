@@ -1,0 +1,604 @@
+//! `inferq bench`: the workloads of BENCHMARKS.md (W1 to W5) against the
+//! real `inferq-api` and `inferq-worker` binaries, started here on a
+//! private database and Redis prefix, with one table of figures at the
+//! end, peak RSS of both processes included. `--smoke` runs every workload
+//! at a few seconds' size, so CI keeps the benchmark from rotting; its
+//! figures mean nothing.
+//!
+//! Each workload starts fresh processes, so a process's peak RSS (the
+//! kernel's `VmHWM`) is that workload's.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use queue_core::config::StoreConfig;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use crate::load::{self, LoadArgs};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Every workload at a few seconds' size (CI); the figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Only these workloads, e.g. `W1,W3`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where `inferq-api` and `inferq-worker` are (default: beside this
+    /// binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// The PostgreSQL server; a database `inferq_bench_<pid>` is created on
+    /// it and dropped at the end.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    postgres: String,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Port for the API.
+    #[arg(long, default_value_t = 18_480)]
+    port: u16,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Workload sizes.
+struct Sizes {
+    w1_jobs: usize,
+    w2: [(f64, f64); 2],
+    w3_jobs: usize,
+    w4_rates: [f64; 3],
+    w4_secs: f64,
+    w5_backlog: usize,
+    w5_chunk: usize,
+}
+
+const FULL: Sizes = Sizes {
+    w1_jobs: 50_000,
+    w2: [(500.0, 20.0), (2_000.0, 20.0)],
+    w3_jobs: 5_000,
+    w4_rates: [1_000.0, 4_000.0, 16_000.0],
+    w4_secs: 15.0,
+    w5_backlog: 1_000_000,
+    w5_chunk: 50_000,
+};
+
+const SMOKE: Sizes = Sizes {
+    w1_jobs: 2_000,
+    w2: [(100.0, 2.0), (200.0, 2.0)],
+    w3_jobs: 200,
+    w4_rates: [100.0, 200.0, 400.0],
+    w4_secs: 1.0,
+    w5_backlog: 10_000,
+    w5_chunk: 2_000,
+};
+
+/// The job of BENCHMARKS.md: a 200-character prompt, `max_tokens` 64.
+fn job(model: &str, sim: Option<Value>) -> Value {
+    let prompt: String = "The quick brown fox jumps over the lazy dog. "
+        .chars()
+        .cycle()
+        .take(200)
+        .collect();
+    let mut params = json!({"max_tokens": 64});
+    if let Some(sim) = sim {
+        params["sim"] = sim;
+    }
+    json!({"model": model, "prompt": prompt, "params": params})
+}
+
+/// One row of the table.
+struct Row {
+    workload: &'static str,
+    figure: String,
+    value: String,
+}
+
+/// The processes of one workload and what they need.
+struct Rig {
+    bin_dir: PathBuf,
+    database_url: String,
+    redis_url: String,
+    prefix: String,
+    port: u16,
+    http: reqwest::Client,
+    logs: PathBuf,
+}
+
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    /// Peak resident set of the process so far, in MiB.
+    fn peak_rss_mib(&self) -> Option<f64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+
+    /// SIGTERM, then wait (the worker drains).
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        if tokio::time::timeout(Duration::from_secs(40), self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("bench: {} did not stop; killing it", self.name);
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+impl Rig {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&self, name: &'static str, env: &[(&str, String)]) -> anyhow::Result<Proc> {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))?;
+        let mut cmd = Command::new(self.bin_dir.join(name));
+        cmd.env("DATABASE_URL", &self.database_url)
+            .env("REDIS_URL", &self.redis_url)
+            .env("INFERQ_KEY_PREFIX", &self.prefix)
+            .env("INFERQ_BIND", format!("127.0.0.1:{}", self.port))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin_dir.join(name).display()))?;
+        Ok(Proc { child, name })
+    }
+
+    async fn api(&self) -> anyhow::Result<Proc> {
+        let api = self.spawn("inferq-api", &[])?;
+        let start = Instant::now();
+        loop {
+            let ready = self.http.get(format!("{}/readyz", self.url())).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return Ok(api);
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("the API did not become ready; see {}", self.logs.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn worker(&self, queue: &str, extra: &[(&str, String)]) -> anyhow::Result<Proc> {
+        let mut env = vec![
+            ("INFERQ_QUEUES", queue.to_owned()),
+            ("INFERQ_CONCURRENCY", "64".to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        self.spawn("inferq-worker", &env)
+    }
+
+    /// Submits `jobs` as batches of at most `chunk`; returns the batch ids.
+    async fn enqueue(
+        &self,
+        jobs: usize,
+        chunk: usize,
+        body: &Value,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        let mut left = jobs;
+        while left > 0 {
+            let n = left.min(chunk);
+            let tasks = vec![body.clone(); n];
+            let resp = self
+                .http
+                .post(format!("{}/batches", self.url()))
+                .json(&json!({ "tasks": tasks }))
+                .send()
+                .await?;
+            let status = resp.status();
+            let answer: Value = resp.json().await.unwrap_or(Value::Null);
+            if status.as_u16() != 202 {
+                bail!("POST /batches answered {status}: {answer}");
+            }
+            ids.push(answer["id"].as_str().unwrap_or_default().to_owned());
+            left -= n;
+        }
+        Ok(ids)
+    }
+
+    /// Long-polls a batch until it completes.
+    async fn completed(&self, batch: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let start = Instant::now();
+        loop {
+            let b: Value = self
+                .http
+                .get(format!("{}/batches/{batch}?wait=30", self.url()))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if b["status"] == "completed" {
+                return Ok(b);
+            }
+            if start.elapsed() > timeout {
+                bail!("batch {batch} did not complete in {timeout:?}: {b}");
+            }
+        }
+    }
+
+    /// Every task of a batch, page by page.
+    async fn batch_tasks(&self, batch: &str) -> anyhow::Result<Vec<Value>> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{}/tasks?batch_id={batch}&limit=1000", self.url());
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let page: Value = self.http.get(url).send().await?.json().await?;
+            out.extend(page["tasks"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    async fn load(&self, flags: &[&str]) -> anyhow::Result<Value> {
+        let mut all: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        all.push("--quiet".to_owned());
+        load::measure(&self.url(), &LoadArgs::from_flags(&all)?).await
+    }
+}
+
+/// Seconds between two RFC 3339 times of the API's answers.
+fn seconds_between(from: &Value, to: &Value) -> anyhow::Result<f64> {
+    let t = |v: &Value| {
+        v.as_str()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .with_context(|| format!("not a time: {v}"))
+    };
+    Ok((t(to)? - t(from)?).as_seconds_f64())
+}
+
+fn rate(n: usize, secs: f64) -> String {
+    format!("{:.0} jobs/s ({secs:.2} s)", n as f64 / secs.max(1e-9))
+}
+
+fn latency(s: &Value) -> String {
+    format!(
+        "p50 {} / p95 {} / p99 {} / max {} ms",
+        s["p50_ms"], s["p95_ms"], s["p99_ms"], s["max_ms"]
+    )
+}
+
+fn rss(api: Option<f64>, worker: Option<f64>) -> String {
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} MiB"));
+    format!("API {}, worker {}", f(api), f(worker))
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    let sizes = if args.smoke { &SMOKE } else { &FULL };
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the binary's directory")?
+            .to_owned(),
+    };
+    for bin in ["inferq-api", "inferq-worker"] {
+        anyhow::ensure!(
+            bin_dir.join(bin).is_file(),
+            "{} not found (build it, or pass --bin-dir)",
+            bin_dir.join(bin).display()
+        );
+    }
+    let tag = std::process::id();
+    let logs = std::env::temp_dir().join(format!("inferq-bench-{tag}"));
+    std::fs::create_dir_all(&logs)?;
+    let rig = Rig {
+        bin_dir,
+        database_url: format!("{}/inferq_bench_{tag}", args.postgres.trim_end_matches('/')),
+        redis_url: args.redis.clone(),
+        prefix: format!("inferq-bench-{tag}"),
+        port: args.port,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?,
+        logs: logs.clone(),
+    };
+    let wanted =
+        |w: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(w));
+    eprintln!("bench: logs in {}", logs.display());
+    let result = workloads(&rig, sizes, &wanted).await;
+    cleanup(&rig).await;
+    let rows = result?;
+
+    let width = rows.iter().map(|r| r.figure.len()).max().unwrap_or(10);
+    println!(
+        "\ninferq bench{} ({})\n",
+        if args.smoke { " --smoke" } else { "" },
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    println!("| workload | {:width$} | value |", "figure");
+    println!("| --- | {} | --- |", "-".repeat(width));
+    for r in &rows {
+        println!("| {} | {:width$} | {} |", r.workload, r.figure, r.value);
+    }
+    if let Some(path) = &args.json {
+        let json: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"workload": r.workload, "figure": r.figure, "value": r.value}))
+            .collect();
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
+    }
+    Ok(0)
+}
+
+async fn cleanup(rig: &Rig) {
+    if let Err(e) = queue_core::store::Store::drop_database(&rig.database_url).await {
+        eprintln!("bench: could not drop {}: {e}", rig.database_url);
+    }
+    let config = StoreConfig {
+        database_url: rig.database_url.clone(),
+        db_pool: 1,
+        redis_url: rig.redis_url.clone(),
+        redis_pool: 1,
+        key_prefix: rig.prefix.clone(),
+        create_database: false,
+    };
+    match queue_core::queue::Queue::connect(&config) {
+        Ok(q) => {
+            if let Err(e) = q.purge().await {
+                eprintln!("bench: could not clear Redis keys {}:*: {e}", rig.prefix);
+            }
+        }
+        Err(e) => eprintln!("bench: Redis: {e}"),
+    }
+}
+
+async fn workloads(
+    rig: &Rig,
+    sizes: &Sizes,
+    wanted: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let mut row = |workload: &'static str, figure: &str, value: String| {
+        eprintln!("bench: {workload} {figure}: {value}");
+        rows.push(Row {
+            workload,
+            figure: figure.to_owned(),
+            value,
+        });
+    };
+
+    if wanted("W1") {
+        let n = sizes.w1_jobs;
+        let api = rig.api().await?;
+        let t = Instant::now();
+        let batch = rig.enqueue(n, n, &job("w1", None)).await?;
+        row(
+            "W1",
+            &format!("enqueue {n}, POST /batches"),
+            rate(n, t.elapsed().as_secs_f64()),
+        );
+        let worker = rig.worker("w1", &[])?;
+        let done = rig.completed(&batch[0], Duration::from_secs(600)).await?;
+        let drain = seconds_between(&done["started_at"], &done["completed_at"])?;
+        row(
+            "W1",
+            &format!("drain {n}, one worker, first claim to last completion"),
+            rate(n, drain),
+        );
+        let worker_rss = worker.peak_rss_mib();
+        worker.stop().await;
+        let count = n.to_string();
+        let s = rig
+            .load(&[
+                "--connections",
+                "64",
+                "--requests",
+                &count,
+                "--model",
+                "w1-single",
+            ])
+            .await?;
+        row(
+            "W1",
+            &format!("enqueue {n}, single POST /tasks, 64 connections"),
+            format!(
+                "{:.0} jobs/s, {}, errors {}",
+                s["achieved_rate"].as_f64().unwrap_or(0.0),
+                latency(&s["submit"]),
+                s["errors"]
+            ),
+        );
+        row("W1", "peak RSS", rss(api.peak_rss_mib(), worker_rss));
+        api.stop().await;
+    }
+
+    if wanted("W2") {
+        let api = rig.api().await?;
+        let worker = rig.worker("w2", &[])?;
+        for (rate, secs) in sizes.w2 {
+            let (r, d) = (rate.to_string(), secs.to_string());
+            let s = rig
+                .load(&[
+                    "--rate",
+                    &r,
+                    "--duration",
+                    &d,
+                    "--e2e",
+                    "--sim-latency-ms",
+                    "20",
+                    "--model",
+                    "w2",
+                ])
+                .await?;
+            row(
+                "W2",
+                &format!("{rate}/s for {secs} s, 20 ms jobs: end-to-end"),
+                latency(&s["e2e"]),
+            );
+            row(
+                "W2",
+                &format!("{rate}/s for {secs} s: submit"),
+                format!(
+                    "{}; achieved {:.0}/s, error rate {:.4}",
+                    latency(&s["submit"]),
+                    s["achieved_rate"].as_f64().unwrap_or(0.0),
+                    s["error_rate"].as_f64().unwrap_or(1.0)
+                ),
+            );
+        }
+        row(
+            "W2",
+            "peak RSS",
+            rss(api.peak_rss_mib(), worker.peak_rss_mib()),
+        );
+        worker.stop().await;
+        api.stop().await;
+    }
+
+    if wanted("W3") {
+        let n = sizes.w3_jobs;
+        let api = rig.api().await?;
+        let worker = rig.worker(
+            "w3",
+            &[
+                ("INFERQ_RETRY_INITIAL_MS", "10".to_owned()),
+                ("INFERQ_RETRY_JITTER", "0".to_owned()),
+            ],
+        )?;
+        // Let the worker settle, so the wall time is the queue's, not a
+        // process start's.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        let batch = rig
+            .enqueue(n, n, &job("w3", Some(json!({"fail_attempts": 2}))))
+            .await?;
+        rig.completed(&batch[0], Duration::from_secs(600)).await?;
+        let wall = t.elapsed().as_secs_f64();
+        let tasks = rig.batch_tasks(&batch[0]).await?;
+        let exact = tasks
+            .iter()
+            .filter(|t| t["status"] == "succeeded" && t["attempts"] == 3)
+            .count();
+        let lost = tasks.iter().filter(|t| t["status"] != "succeeded").count() + n - tasks.len();
+        let more = tasks
+            .iter()
+            .filter(|t| t["attempts"].as_u64() > Some(3))
+            .count();
+        row(
+            "W3",
+            &format!("{n} jobs x 3 attempts, wall time"),
+            format!("{wall:.2} s"),
+        );
+        row(
+            "W3",
+            "succeeded with exactly 3 attempts / lost / ran more than 3 times",
+            format!("{exact} of {n} / {lost} / {more}"),
+        );
+        worker.stop().await;
+        api.stop().await;
+    }
+
+    if wanted("W4") {
+        let api = rig.api().await?;
+        let secs = sizes.w4_secs.to_string();
+        for rate in sizes.w4_rates {
+            let r = rate.to_string();
+            let s = rig
+                .load(&["--rate", &r, "--duration", &secs, "--model", "w4"])
+                .await?;
+            row(
+                "W4",
+                &format!("POST /tasks at {rate}/s for {secs} s"),
+                format!(
+                    "achieved {:.0}/s, {}, error rate {:.4}",
+                    s["achieved_rate"].as_f64().unwrap_or(0.0),
+                    latency(&s["submit"]),
+                    s["error_rate"].as_f64().unwrap_or(1.0)
+                ),
+            );
+        }
+        let s = rig
+            .load(&["--connections", "64", "--duration", &secs, "--model", "w4"])
+            .await?;
+        row(
+            "W4",
+            &format!("POST /tasks unthrottled, 64 connections, {secs} s"),
+            format!(
+                "{:.0} req/s, {}, error rate {:.4}",
+                s["achieved_rate"].as_f64().unwrap_or(0.0),
+                latency(&s["submit"]),
+                s["error_rate"].as_f64().unwrap_or(1.0)
+            ),
+        );
+        row("W4", "peak RSS", rss(api.peak_rss_mib(), None));
+        api.stop().await;
+    }
+
+    if wanted("W5") {
+        let (n, chunk) = (sizes.w5_backlog, sizes.w5_chunk);
+        let api = rig.api().await?;
+        let t = Instant::now();
+        let batches = rig.enqueue(n, chunk, &job("w5", None)).await?;
+        row(
+            "W5",
+            &format!("backlog: enqueue {n}, POST /batches of {chunk}"),
+            rate(n, t.elapsed().as_secs_f64()),
+        );
+        let secs = sizes.w4_secs.to_string();
+        let s = rig
+            .load(&["--rate", "1000", "--duration", &secs, "--model", "w5"])
+            .await?;
+        row(
+            "W5",
+            &format!("POST /tasks at 1000/s for {secs} s, {n} queued"),
+            format!(
+                "{}, error rate {:.4}",
+                latency(&s["submit"]),
+                s["error_rate"].as_f64().unwrap_or(1.0)
+            ),
+        );
+        // FIFO: the first batch is the head of the backlog.
+        let worker = rig.worker("w5", &[])?;
+        let done = rig.completed(&batches[0], Duration::from_secs(600)).await?;
+        let drain = seconds_between(&done["started_at"], &done["completed_at"])?;
+        row(
+            "W5",
+            &format!("drain the first {chunk} of {n} queued, one worker"),
+            rate(chunk, drain),
+        );
+        row(
+            "W5",
+            "peak RSS",
+            rss(api.peak_rss_mib(), worker.peak_rss_mib()),
+        );
+        worker.stop().await;
+        api.stop().await;
+    }
+    Ok(rows)
+}
