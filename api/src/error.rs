@@ -25,6 +25,9 @@ pub enum ApiError {
     /// A query parameter that cannot be what it names.
     #[error("{message}")]
     BadQuery { field: String, message: String },
+    /// Too many submissions in flight: shed before reading the body.
+    #[error("the API is at capacity; nothing was changed, retry after a second")]
+    Overloaded,
     /// The admin routes need the admin token.
     #[error("this route needs the admin token (Authorization: Bearer <INFERQ_ADMIN_TOKEN>)")]
     Unauthorized,
@@ -98,6 +101,10 @@ impl IntoResponse for ApiError {
                 "unsupported_media_type",
                 None,
             ),
+            ApiError::Overloaded => {
+                metrics::counter!("inferq_api_shed_total").increment(1);
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded", None)
+            }
             ApiError::Core(e) if e.is_unavailable() => {
                 // Per request, and an outage makes thousands: counted, and
                 // logged at debug (the store clients log the outage itself).
@@ -123,6 +130,12 @@ impl IntoResponse for ApiError {
             error["field"] = json!(field);
         }
         let mut response = (status, Json(json!({ "error": error }))).into_response();
+        if matches!(self, ApiError::Overloaded) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

@@ -36,6 +36,8 @@ pub struct AppState {
     pub admin: Arc<admin::AdminAccess>,
     /// Serve the dashboard from this directory, not the binary.
     pub ui_dir: routes::ui::UiDir,
+    /// Submissions being handled; past its size, new ones are shed.
+    pub submissions: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -49,7 +51,14 @@ impl AppState {
             waiters,
             admin: Arc::new(admin::AdminAccess::loopback_only(true)),
             ui_dir: None,
+            submissions: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_SUBMISSIONS)),
         }
+    }
+
+    /// Caps the submissions handled at once (see [`shed`]).
+    pub fn with_max_submissions(mut self, n: usize) -> AppState {
+        self.submissions = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     /// Serves the dashboard's files from `dir` (to work on them).
@@ -83,9 +92,34 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
                 )),
         )
         .route("/metrics", axum::routing::get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), shed))
         .fallback(|| async { error::ApiError::NotFound { what: "route" } })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Submissions handled at once by default: far above what the stores
+/// commit in a few milliseconds, far below what exhausts memory.
+pub const DEFAULT_MAX_SUBMISSIONS: usize = 512;
+
+/// Overload: past `submissions` in flight, a new `POST /tasks` or
+/// `POST /batches` is answered 503 with `Retry-After` at once, before its
+/// body is read, instead of queueing until memory or file descriptors run
+/// out and every client times out. Reads and long-polls are never shed.
+async fn shed(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let submission = request.method() == axum::http::Method::POST
+        && matches!(request.uri().path(), "/tasks" | "/batches");
+    if !submission {
+        return next.run(request).await;
+    }
+    match state.submissions.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => axum::response::IntoResponse::into_response(error::ApiError::Overloaded),
+    }
 }
 
 /// Prometheus text of this process's recorder, with the queue gauges

@@ -52,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = AppState::new(Service::new(store, queue))
         .with_admin(access)
-        .with_ui_dir(cli.api.ui_dir.clone());
+        .with_ui_dir(cli.api.ui_dir.clone())
+        .with_max_submissions(cli.api.max_submissions);
 
     let metrics = queue_core::telemetry::metrics();
     tokio::spawn(async move {

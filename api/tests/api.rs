@@ -1181,3 +1181,55 @@ async fn the_dashboard_logs_in_with_the_admin_token_and_its_cookie_opens_the_adm
     assert_eq!(status, StatusCode::OK);
     assert!(kind.unwrap().starts_with("text/javascript"));
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn submissions_past_capacity_are_shed_with_503_and_nothing_is_written(pool: PgPool) {
+    let service = testkit::service(pool);
+    let mut state = AppState::new(service.clone());
+    // No submission slot at all: every submission is past capacity.
+    state.submissions = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let router = app(state, SMALL_LIMIT);
+    for uri in ["/tasks", "/batches"] {
+        let body = if uri == "/tasks" {
+            json!({"model": "m", "prompt": "x"})
+        } else {
+            json!({"tasks": [{"model": "m", "prompt": "x"}]})
+        };
+        let resp = router
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .method("POST")
+                    .uri(uri)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["code"], "overloaded");
+    }
+    let (counts, keys) = (
+        service.store.count_by_status().await.unwrap(),
+        service.queue.keys().await.unwrap(),
+    );
+    assert!(counts.iter().all(|(_, n)| *n == 0), "{counts:?}");
+    assert!(keys.is_empty(), "{keys:?}");
+    // Reads are never shed.
+    let resp = router
+        .oneshot(
+            Request::builder()
+                .uri("/tasks")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

@@ -95,7 +95,7 @@ fn job(model: &str, sim: Option<Value>) -> Value {
 struct Row {
     workload: &'static str,
     figure: String,
-    value: String,
+    fig: Fig,
 }
 
 /// The processes of one workload and what they need.
@@ -282,20 +282,67 @@ fn seconds_between(from: &Value, to: &Value) -> anyhow::Result<f64> {
     Ok((t(to)? - t(from)?).as_seconds_f64())
 }
 
-fn rate(n: usize, secs: f64) -> String {
-    format!("{:.0} jobs/s ({secs:.2} s)", n as f64 / secs.max(1e-9))
+/// A figure as printed, with its numbers for `--json` (medians over runs).
+struct Fig {
+    text: String,
+    numbers: Vec<(&'static str, f64)>,
 }
 
-fn latency(s: &Value) -> String {
-    format!(
-        "p50 {} / p95 {} / p99 {} / max {} ms",
-        s["p50_ms"], s["p95_ms"], s["p99_ms"], s["max_ms"]
-    )
+fn rate(n: usize, secs: f64) -> Fig {
+    let per_s = n as f64 / secs.max(1e-9);
+    Fig {
+        text: format!("{per_s:.0} jobs/s ({secs:.2} s)"),
+        numbers: vec![("jobs_per_s", per_s), ("seconds", secs)],
+    }
 }
 
-fn rss(api: Option<f64>, worker: Option<f64>) -> String {
+/// Latency of a `load` summary's histogram.
+fn latency(s: &Value) -> Fig {
+    let n = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+    Fig {
+        text: format!(
+            "p50 {:.1} / p95 {:.1} / p99 {:.1} / max {:.1} ms",
+            n("p50_ms"),
+            n("p95_ms"),
+            n("p99_ms"),
+            n("max_ms")
+        ),
+        numbers: vec![
+            ("p50_ms", n("p50_ms")),
+            ("p95_ms", n("p95_ms")),
+            ("p99_ms", n("p99_ms")),
+            ("max_ms", n("max_ms")),
+        ],
+    }
+}
+
+/// Submit side of a `load` summary: achieved rate, latency, errors.
+fn submitted(s: &Value) -> Fig {
+    let mut fig = latency(&s["submit"]);
+    let achieved = s["achieved_rate"].as_f64().unwrap_or(0.0);
+    let errors = s["error_rate"].as_f64().unwrap_or(1.0);
+    fig.text = format!(
+        "achieved {achieved:.0}/s, {}, error rate {errors:.4}",
+        fig.text
+    );
+    fig.numbers.push(("achieved_per_s", achieved));
+    fig.numbers.push(("error_rate", errors));
+    fig
+}
+
+fn rss(api: Option<f64>, worker: Option<f64>) -> Fig {
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |m| format!("{m:.0} MiB"));
-    format!("API {}, worker {}", f(api), f(worker))
+    let mut numbers = Vec::new();
+    if let Some(a) = api {
+        numbers.push(("api_mib", a));
+    }
+    if let Some(w) = worker {
+        numbers.push(("worker_mib", w));
+    }
+    Fig {
+        text: format!("API {}, worker {}", f(api), f(worker)),
+        numbers,
+    }
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -344,12 +391,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     println!("| workload | {:width$} | value |", "figure");
     println!("| --- | {} | --- |", "-".repeat(width));
     for r in &rows {
-        println!("| {} | {:width$} | {} |", r.workload, r.figure, r.value);
+        println!("| {} | {:width$} | {} |", r.workload, r.figure, r.fig.text);
     }
     if let Some(path) = &args.json {
         let json: Vec<Value> = rows
             .iter()
-            .map(|r| json!({"workload": r.workload, "figure": r.figure, "value": r.value}))
+            .map(|r| {
+                let numbers: serde_json::Map<String, Value> = r
+                    .fig
+                    .numbers
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                    .collect();
+                json!({"workload": r.workload, "figure": r.figure, "value": r.fig.text, "numbers": numbers})
+            })
             .collect();
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
     }
@@ -384,12 +439,12 @@ async fn workloads(
     wanted: &dyn Fn(&str) -> bool,
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let mut row = |workload: &'static str, figure: &str, value: String| {
-        eprintln!("bench: {workload} {figure}: {value}");
+    let mut row = |workload: &'static str, figure: &str, fig: Fig| {
+        eprintln!("bench: {workload} {figure}: {}", fig.text);
         rows.push(Row {
             workload,
             figure: figure.to_owned(),
-            value,
+            fig,
         });
     };
 
@@ -427,12 +482,7 @@ async fn workloads(
         row(
             "W1",
             &format!("enqueue {n}, single POST /tasks, 64 connections"),
-            format!(
-                "{:.0} jobs/s, {}, errors {}",
-                s["achieved_rate"].as_f64().unwrap_or(0.0),
-                latency(&s["submit"]),
-                s["errors"]
-            ),
+            submitted(&s),
         );
         row("W1", "peak RSS", rss(api.peak_rss_mib(), worker_rss));
         api.stop().await;
@@ -464,12 +514,7 @@ async fn workloads(
             row(
                 "W2",
                 &format!("{rate}/s for {secs} s: submit"),
-                format!(
-                    "{}; achieved {:.0}/s, error rate {:.4}",
-                    latency(&s["submit"]),
-                    s["achieved_rate"].as_f64().unwrap_or(0.0),
-                    s["error_rate"].as_f64().unwrap_or(1.0)
-                ),
+                submitted(&s),
             );
         }
         row(
@@ -513,12 +558,22 @@ async fn workloads(
         row(
             "W3",
             &format!("{n} jobs x 3 attempts, wall time"),
-            format!("{wall:.2} s"),
+            Fig {
+                text: format!("{wall:.2} s"),
+                numbers: vec![("seconds", wall)],
+            },
         );
         row(
             "W3",
             "succeeded with exactly 3 attempts / lost / ran more than 3 times",
-            format!("{exact} of {n} / {lost} / {more}"),
+            Fig {
+                text: format!("{exact} of {n} / {lost} / {more}"),
+                numbers: vec![
+                    ("exactly_3", exact as f64),
+                    ("lost", lost as f64),
+                    ("more_than_3", more as f64),
+                ],
+            },
         );
         worker.stop().await;
         api.stop().await;
@@ -535,12 +590,7 @@ async fn workloads(
             row(
                 "W4",
                 &format!("POST /tasks at {rate}/s for {secs} s"),
-                format!(
-                    "achieved {:.0}/s, {}, error rate {:.4}",
-                    s["achieved_rate"].as_f64().unwrap_or(0.0),
-                    latency(&s["submit"]),
-                    s["error_rate"].as_f64().unwrap_or(1.0)
-                ),
+                submitted(&s),
             );
         }
         let s = rig
@@ -549,12 +599,7 @@ async fn workloads(
         row(
             "W4",
             &format!("POST /tasks unthrottled, 64 connections, {secs} s"),
-            format!(
-                "{:.0} req/s, {}, error rate {:.4}",
-                s["achieved_rate"].as_f64().unwrap_or(0.0),
-                latency(&s["submit"]),
-                s["error_rate"].as_f64().unwrap_or(1.0)
-            ),
+            submitted(&s),
         );
         row("W4", "peak RSS", rss(api.peak_rss_mib(), None));
         api.stop().await;
@@ -577,11 +622,7 @@ async fn workloads(
         row(
             "W5",
             &format!("POST /tasks at 1000/s for {secs} s, {n} queued"),
-            format!(
-                "{}, error rate {:.4}",
-                latency(&s["submit"]),
-                s["error_rate"].as_f64().unwrap_or(1.0)
-            ),
+            submitted(&s),
         );
         // FIFO: the first batch is the head of the backlog.
         let worker = rig.worker("w5", &[])?;

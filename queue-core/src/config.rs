@@ -61,6 +61,11 @@ pub struct ApiConfig {
     /// API listens on a loopback address.
     #[arg(long, env = "INFERQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Submissions (`POST /tasks`, `POST /batches`) handled at once; past
+    /// it, new ones get 503 with Retry-After at once (load shedding).
+    #[arg(long, env = "INFERQ_MAX_SUBMISSIONS", default_value_t = 512)]
+    pub max_submissions: usize,
+
     /// Serve the dashboard's files from this directory instead of the
     /// copies built into the binary (for working on the dashboard).
     #[arg(long, env = "INFERQ_UI_DIR")]

@@ -62,8 +62,8 @@ struct Inner {
     in_flight: Mutex<HashMap<Uuid, InFlight>>,
     /// Fired when the grace period of a shutdown has run out.
     hard_stop: CancellationToken,
-    /// Notified when new work is announced (see `listen_for_work`).
-    wake: Arc<tokio::sync::Notify>,
+    /// Bumped when new work is announced (see `listen_for_work`).
+    wake: Arc<tokio::sync::watch::Sender<u64>>,
     /// Successful attempts go to the completer, which writes them in
     /// batches; taken (once) by `run`.
     completions: crate::completer::Sender,
@@ -102,7 +102,7 @@ impl Worker {
                 policy,
                 in_flight: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
-                wake: Arc::new(tokio::sync::Notify::new()),
+                wake: Arc::new(tokio::sync::watch::Sender::new(0)),
             }),
         }
     }
@@ -135,57 +135,23 @@ impl Worker {
         });
         let wake_listener = tokio::spawn(listen_for_work(inner.queue.clone(), inner.wake.clone()));
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
-        let mut fetcher = Fetcher::new(inner.config.queue_list());
         tracing::info!(concurrency = inner.config.concurrency, "worker started");
         metrics::gauge!("inferq_worker_concurrency").set(inner.config.concurrency as f64);
-
-        loop {
-            let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
-                () = shutdown.cancelled() => break,
-            };
-            let target = inner
-                .config
-                .claim_batch
-                .min(inner.config.concurrency)
-                .max(1);
-            let mut permits = vec![first];
-            let gather = |permits: &mut Vec<OwnedSemaphorePermit>| {
-                while permits.len() < target {
-                    match slots.clone().try_acquire_owned() {
-                        Ok(p) => permits.push(p),
-                        Err(_) => break,
-                    }
-                }
-            };
-            gather(&mut permits);
-            // Under load slots free one at a time; a millisecond lets a few
-            // gather, so one pop and one claim serve several tasks.
-            if permits.len() < target / 4 && !tracker.is_empty() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                gather(&mut permits);
-            }
-            let wait = match fetcher.fetch(inner, permits, &tracker).await {
-                Ok(0) => fetcher.idle_wait(inner).await,
-                Ok(_) => {
-                    fetcher.errors = 0;
-                    continue;
-                }
-                Err(e) => {
-                    fetcher.errors += 1;
-                    let wait = Duration::from_millis(100 * 2u64.pow(fetcher.errors.min(5)))
-                        .min(MAX_ERROR_BACKOFF);
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "fetch failed");
-                    wait
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                // A permit stored by a wake that came during the fetch
-                // returns at once: no announcement is lost.
-                () = inner.wake.notified() => {}
-                () = shutdown.cancelled() => break,
-            }
+        // Fetching is round trips (a pop, then a claim) while the CPU
+        // idles: two loops overlap them. They share the slots, so together
+        // they never start more than `concurrency` calls.
+        let fetchers: Vec<_> = (0..FETCH_LOOPS)
+            .map(|_| {
+                tokio::spawn(fetch_loop(
+                    self.inner.clone(),
+                    slots.clone(),
+                    tracker.clone(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
+        for f in fetchers {
+            let _ = f.await;
         }
 
         wake_listener.abort();
@@ -220,11 +186,76 @@ impl Worker {
     }
 }
 
+/// Fetch loops per worker process.
+const FETCH_LOOPS: usize = 2;
+
+/// Takes free slots, fills them with claimed tasks, and sleeps when there
+/// is nothing to do, until `shutdown`.
+async fn fetch_loop(
+    inner: Arc<Inner>,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut fetcher = Fetcher::new(inner.config.queue_list());
+    let mut woken = inner.wake.subscribe();
+    let target = inner
+        .config
+        .claim_batch
+        .min(inner.config.concurrency)
+        .max(1);
+    loop {
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
+            () = shutdown.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        let gather = |permits: &mut Vec<OwnedSemaphorePermit>| {
+            while permits.len() < target {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+        };
+        gather(&mut permits);
+        // Under load slots free one at a time; a millisecond lets a few
+        // gather, so one pop and one claim serve several tasks.
+        if permits.len() < target / 4 && !tracker.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            gather(&mut permits);
+        }
+        // Announcements before this fetch are covered by it.
+        woken.borrow_and_update();
+        let wait = match fetcher.fetch(&inner, permits, &tracker).await {
+            Ok(0) => fetcher.idle_wait(&inner).await,
+            Ok(_) => {
+                fetcher.errors = 0;
+                continue;
+            }
+            Err(e) => {
+                fetcher.errors += 1;
+                let wait = Duration::from_millis(100 * 2u64.pow(fetcher.errors.min(5)))
+                    .min(MAX_ERROR_BACKOFF);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "fetch failed");
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            // Returns at once for an announcement made during the fetch:
+            // none is lost.
+            _ = woken.changed() => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+}
+
 /// Wakes the fetch loop whenever new work is announced, for as long as the
 /// worker runs (resubscribing after a Redis outage).
-async fn listen_for_work(queue: Queue, wake: Arc<tokio::sync::Notify>) {
+async fn listen_for_work(queue: Queue, wake: Arc<tokio::sync::watch::Sender<u64>>) {
     loop {
-        let mut on_work = || wake.notify_one();
+        let mut on_work = || wake.send_modify(|n| *n = n.wrapping_add(1));
         if let Err(e) = queue.listen_work(&mut on_work).await {
             tracing::debug!(error = %e, "work announcements unavailable; retrying");
         }
@@ -479,7 +510,7 @@ async fn write_progress(inner: &Inner) {
 }
 
 /// Runs one attempt and records its outcome.
-async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphorePermit) {
+async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, slot: OwnedSemaphorePermit) {
     let span = tracing::info_span!(
         "task",
         task_id = %task.id,
@@ -507,6 +538,12 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, _slot: OwnedSemaphore
         };
         metrics::histogram!("inferq_task_running_seconds", "queue" => task.model.clone())
             .record(started.elapsed().as_secs_f64());
+        // A slot is a backend call: the next task may start while this
+        // outcome is written (batched, a few ms). The task stays in flight
+        // (lease renewed, drained on shutdown) until it is recorded; the
+        // completer's bounded channel holds back a worker whose writes fall
+        // behind.
+        drop(slot);
         record(&inner, &task, finish).await;
         inner.in_flight.lock().expect("lock").remove(&task.id);
         metrics::gauge!("inferq_worker_in_flight").decrement(1.0);

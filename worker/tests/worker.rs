@@ -907,3 +907,71 @@ async fn an_idle_worker_wakes_on_new_work_and_on_due_retries_not_a_timer(pool: P
     worker.stop().await;
     svc.queue.purge().await.unwrap();
 }
+
+/// Batched claims under contention: three workers drain one batch while
+/// every id is pushed to Redis again and again (as a reconciler racing the
+/// pops would), so the same id is popped by several workers at once. The
+/// claim hands each task out once: one attempt, one history row, each.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn no_task_is_claimed_twice_by_concurrent_workers(pool: PgPool) {
+    use queue_core::queue::ReadyEntry;
+    let svc = testkit::service(pool);
+    let tasks: Vec<NewTask> = (0..3_000)
+        .map(|i| task(json!({"model": "sim", "prompt": format!("item {i}")})))
+        .collect();
+    let (batch_id, accepted) = svc
+        .submit_batch(&NewBatch {
+            tasks,
+            metadata: None,
+        })
+        .await
+        .unwrap();
+    let workers: Vec<RunningWorker> = (0..3)
+        .map(|_| {
+            start(
+                &svc,
+                WorkerConfig {
+                    concurrency: 16,
+                    claim_batch: 16,
+                    ..fast_retries()
+                },
+            )
+        })
+        .collect();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let entries: Vec<ReadyEntry<'_>> = accepted
+        .ids
+        .iter()
+        .map(|id| ReadyEntry {
+            queue: "sim",
+            id: *id,
+            priority: queue_core::task::Priority::Normal,
+            order_ms: now_ms,
+        })
+        .collect();
+    // Every id again, twenty times over while the workers pop: an id
+    // popped and pushed back before its claim is popped twice. (Pushing
+    // forever would bury the live ids under finished ones.)
+    for _ in 0..20 {
+        svc.queue.push_ready(&entries).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let batch = wait_for("batch to complete", Duration::from_secs(120), || async {
+        let b = svc.batch(batch_id).await.unwrap().unwrap();
+        b.is_complete().then_some(b)
+    })
+    .await;
+    for w in workers {
+        w.stop().await;
+    }
+    assert_eq!(batch.count(TaskStatus::Succeeded), 3_000);
+    for id in &accepted.ids {
+        let (t, history) = svc.task(*id).await.unwrap().unwrap();
+        assert_eq!(
+            (t.attempts, history.len()),
+            (1, 1),
+            "task {id} claimed more than once: {history:?}"
+        );
+    }
+    svc.queue.purge().await.unwrap();
+}
