@@ -463,27 +463,64 @@ fn check_params(params: &Map<String, Value>, path: &str) -> Result<()> {
     Ok(())
 }
 
-impl NewBatch {
-    pub fn from_json(value: &Value) -> Result<NewBatch> {
-        NewBatch::from_owned_json(value.clone())
-    }
+/// Why a batch body was refused.
+#[derive(Debug)]
+pub enum BatchBodyError {
+    /// Not JSON at all.
+    Malformed(serde_json::Error),
+    /// JSON, but not a valid batch; names the field.
+    Invalid(ValidationError),
+}
 
-    /// Like [`NewBatch::from_json`], consuming the value: each task's JSON is
-    /// freed as soon as it is checked, so a 100,000-task batch is never held
-    /// twice over (as a JSON tree and as tasks).
-    pub fn from_owned_json(mut value: Value) -> Result<NewBatch> {
-        let obj = object(&value, "")?;
-        reject_unknown(obj, "", &["tasks", "metadata"])?;
-        let metadata = metadata(obj, "")?;
-        let items = match value.get_mut("tasks").map(Value::take) {
-            None | Some(Value::Null) => return Err(ValidationError::new("tasks", "is required")),
-            Some(Value::Array(items)) => items,
-            Some(_) => {
-                return Err(ValidationError::new(
-                    "tasks",
-                    "must be an array of task objects",
-                ));
+impl From<ValidationError> for BatchBodyError {
+    fn from(e: ValidationError) -> BatchBodyError {
+        BatchBodyError::Invalid(e)
+    }
+}
+
+impl NewBatch {
+    /// Parses and checks a batch body without building its JSON tree
+    /// whole: the tasks are split as raw slices of `body`, and each is
+    /// parsed, checked and dropped in turn, so a 100,000-task batch costs
+    /// its body and its tasks, not a tree several times the body's size.
+    /// Every field error names its path, e.g. `tasks[17].priority`.
+    pub fn from_slice(body: &[u8]) -> std::result::Result<NewBatch, BatchBodyError> {
+        use serde_json::value::RawValue;
+        use std::collections::BTreeMap;
+        let malformed_or = |e: serde_json::Error, invalid: ValidationError| {
+            if e.is_data() {
+                BatchBodyError::Invalid(invalid)
+            } else {
+                BatchBodyError::Malformed(e)
             }
+        };
+        let top: BTreeMap<String, &RawValue> = serde_json::from_slice(body)
+            .map_err(|e| malformed_or(e, ValidationError::new("body", "must be a JSON object")))?;
+        let known = ["tasks", "metadata"];
+        if let Some(k) = top.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(ValidationError::new(
+                k.as_str(),
+                format!("unknown field; expected one of: {}", known.join(", ")),
+            )
+            .into());
+        }
+        let mut head = Map::new();
+        if let Some(m) = top.get("metadata") {
+            let v: Value = serde_json::from_str(m.get()).map_err(BatchBodyError::Malformed)?;
+            head.insert("metadata".to_owned(), v);
+        }
+        let metadata = metadata(&head, "")?;
+        let items: Vec<&RawValue> = match top.get("tasks") {
+            None => return Err(ValidationError::new("tasks", "is required").into()),
+            Some(raw) if raw.get() == "null" => {
+                return Err(ValidationError::new("tasks", "is required").into());
+            }
+            Some(raw) => serde_json::from_str(raw.get()).map_err(|e| {
+                malformed_or(
+                    e,
+                    ValidationError::new("tasks", "must be an array of task objects"),
+                )
+            })?,
         };
         if items.is_empty() || items.len() > MAX_BATCH_TASKS {
             return Err(ValidationError::new(
@@ -492,13 +529,14 @@ impl NewBatch {
                     "holds {} tasks; a batch takes 1 to {MAX_BATCH_TASKS}",
                     items.len()
                 ),
-            ));
+            )
+            .into());
         }
-        let tasks = items
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| NewTask::from_json(&t, &format!("tasks[{i}]")))
-            .collect::<Result<Vec<_>>>()?;
+        let mut tasks = Vec::with_capacity(items.len());
+        for (i, raw) in items.into_iter().enumerate() {
+            let v: Value = serde_json::from_str(raw.get()).map_err(BatchBodyError::Malformed)?;
+            tasks.push(NewTask::from_json(&v, &format!("tasks[{i}]"))?);
+        }
         Ok(NewBatch { tasks, metadata })
     }
 }
@@ -639,18 +677,38 @@ mod tests {
 
     #[test]
     fn batch_paths_point_into_the_array() {
-        let err = NewBatch::from_json(&json!({"tasks": [
-            {"model": "m", "prompt": "ok"},
-            {"model": "m", "prompt": "ok", "priority": 1}
-        ]}))
-        .unwrap_err();
-        assert_eq!(err.field, "tasks[1].priority");
+        let field = |body: Value| match NewBatch::from_slice(body.to_string().as_bytes()) {
+            Err(BatchBodyError::Invalid(e)) => e.field,
+            other => panic!("{body}: {other:?}"),
+        };
         assert_eq!(
-            NewBatch::from_json(&json!({"tasks": []}))
-                .unwrap_err()
-                .field,
-            "tasks"
+            field(json!({"tasks": [
+                {"model": "m", "prompt": "ok"},
+                {"model": "m", "prompt": "ok", "priority": 1}
+            ]})),
+            "tasks[1].priority"
         );
+        assert_eq!(field(json!({"tasks": []})), "tasks");
+        assert_eq!(field(json!({"tasks": null})), "tasks");
+        assert_eq!(field(json!({"tasks": {"a": 1}})), "tasks");
+        assert_eq!(field(json!({"tasks": [1]})), "tasks[0]");
+        assert_eq!(field(json!({"tasks": [], "colour": 1})), "colour");
+        assert_eq!(field(json!([1, 2])), "body");
+        assert_eq!(
+            field(json!({"tasks": [{"model": "m", "prompt": "x"}], "metadata": 3})),
+            "metadata"
+        );
+        assert!(matches!(
+            NewBatch::from_slice(b"{\"tasks\": [}"),
+            Err(BatchBodyError::Malformed(_))
+        ));
+        let ok = NewBatch::from_slice(
+            br#"{"tasks": [{"model": "m", "prompt": "a"}, {"model": "n", "prompt": "b"}], "metadata": {"k": 1}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.tasks.len(), 2);
+        assert_eq!(ok.tasks[1].model, "n");
+        assert_eq!(ok.metadata, Some(json!({"k": 1})));
     }
 
     #[test]

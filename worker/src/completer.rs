@@ -1,32 +1,49 @@
-//! Batched completions: successful attempts are collected for up to
-//! [`WINDOW`] (or [`MAX_BATCH`] of them) and written in one fenced
-//! statement, then announced in one Redis pipeline. At high throughput this
-//! turns one commit per task into one per batch; at low rates it adds at
-//! most the window to a task's latency.
+//! Batched outcomes: successful attempts and retryable failures are
+//! collected for up to [`WINDOW`] (or [`MAX_BATCH`] of them) and written in
+//! one fenced statement per kind, then announced (finished tasks) and
+//! scheduled (retries) in Redis pipelines. At high throughput this turns
+//! one commit per attempt into one per batch; at low rates it adds at most
+//! the window to a task's latency.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use queue_core::queue::Queue;
+use chrono::{DateTime, Utc};
 use queue_core::queue::events::Finished;
 use queue_core::queue::stats::Outcome;
+use queue_core::queue::{Queue, ScheduledEntry};
 use queue_core::retry::io_backoff;
 use queue_core::store::Store;
+use queue_core::task::{Priority, TaskStatus};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-/// How long the first completion of a batch waits for company.
+/// How long the first outcome of a batch waits for company.
 pub const WINDOW: Duration = Duration::from_millis(2);
 pub const MAX_BATCH: usize = 512;
 
-/// One successful attempt to record.
+/// How an attempt ended, as the completer writes it.
+pub enum Ended {
+    Succeeded {
+        result: Value,
+    },
+    /// Run again at `run_at` (or, past max attempts, dead-lettered).
+    Retry {
+        error: String,
+        run_at: DateTime<Utc>,
+    },
+}
+
+/// One attempt's outcome to record.
 pub struct Done {
     pub id: Uuid,
-    /// Its queue (model), for the throughput counters.
+    /// Its queue (model), for the throughput counters and the retry.
     pub queue: String,
+    pub priority: Priority,
     pub attempt: i32,
     pub batch_id: Option<Uuid>,
-    pub result: Value,
+    pub ended: Ended,
     /// Whether the write took effect (false: fenced out, or it failed).
     pub reply: oneshot::Sender<bool>,
 }
@@ -39,7 +56,6 @@ pub fn channel() -> (mpsc::Sender<Done>, mpsc::Receiver<Done>) {
 
 /// Runs until every sender is dropped and the channel is drained.
 pub async fn run(store: Store, queue: Queue, mut rx: mpsc::Receiver<Done>) {
-    use backon::Retryable as _;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + WINDOW;
@@ -49,47 +65,99 @@ pub async fn run(store: Store, queue: Queue, mut rx: mpsc::Receiver<Done>) {
                 Ok(None) | Err(_) => break,
             }
         }
-        let rows: Vec<(Uuid, i32, &Value)> =
-            batch.iter().map(|d| (d.id, d.attempt, &d.result)).collect();
-        let write = || store.finish_succeeded_many(&rows);
-        let held: std::collections::HashSet<Uuid> = match write
-            .retry(io_backoff())
-            .when(queue_core::Error::is_unavailable)
-            .await
-        {
-            Ok(held) => held,
-            Err(e) => {
-                // Their leases will lapse and the attempts run again.
-                tracing::error!(error = %e, tasks = rows.len(), "could not record completions");
-                Vec::new()
-            }
-        }
-        .into_iter()
-        .collect();
-        let finished: Vec<Finished> = batch
-            .iter()
-            .filter(|d| held.contains(&d.id))
-            .map(|d| Finished {
-                task: d.id,
-                batch: d.batch_id,
-            })
-            .collect();
-        if let Err(e) = queue.publish_finished(&finished).await {
-            tracing::debug!(error = %e, "could not announce completions");
-        }
-        let mut per_queue: Vec<(&str, Outcome, u64)> = Vec::new();
-        for d in batch.iter().filter(|d| held.contains(&d.id)) {
-            match per_queue.iter_mut().find(|(q, _, _)| *q == d.queue) {
-                Some((_, _, n)) => *n += 1,
-                None => per_queue.push((&d.queue, Outcome::Succeeded, 1)),
-            }
-        }
-        if let Err(e) = queue.count_finished(&per_queue).await {
-            tracing::debug!(error = %e, "throughput not counted");
-        }
+        let held = write(&store, &batch).await;
+        announce(&queue, &batch, &held).await;
         for d in batch {
-            let ok = held.contains(&d.id);
-            let _ = d.reply.send(ok);
+            let _ = d.reply.send(held.contains_key(&d.id));
         }
+    }
+}
+
+/// Writes the batch (one statement per kind of outcome), retrying briefly
+/// through a PostgreSQL blip. Returns each written task's new status.
+async fn write(store: &Store, batch: &[Done]) -> HashMap<Uuid, TaskStatus> {
+    use backon::Retryable as _;
+    let mut succeeded: Vec<(Uuid, i32, &Value)> = Vec::new();
+    let mut retried: Vec<(Uuid, i32, &str, DateTime<Utc>)> = Vec::new();
+    for d in batch {
+        match &d.ended {
+            Ended::Succeeded { result } => succeeded.push((d.id, d.attempt, result)),
+            Ended::Retry { error, run_at } => retried.push((d.id, d.attempt, error, *run_at)),
+        }
+    }
+    let mut held = HashMap::new();
+    let ok = (|| store.finish_succeeded_many(&succeeded))
+        .retry(io_backoff())
+        .when(queue_core::Error::is_unavailable)
+        .await;
+    match ok {
+        Ok(ids) => held.extend(ids.into_iter().map(|id| (id, TaskStatus::Succeeded))),
+        // Their leases will lapse and the attempts run again.
+        Err(e) => {
+            tracing::error!(error = %e, tasks = succeeded.len(), "could not record completions")
+        }
+    }
+    let ok = (|| store.finish_retry_many(&retried))
+        .retry(io_backoff())
+        .when(queue_core::Error::is_unavailable)
+        .await;
+    match ok {
+        Ok(rows) => held.extend(rows),
+        Err(e) => tracing::error!(error = %e, tasks = retried.len(), "could not record retries"),
+    }
+    held
+}
+
+/// After the commit: schedules the retries, wakes long-polling clients of
+/// finished tasks and counts them. A failure here loses nothing: the
+/// reconciler re-dispatches from PostgreSQL.
+async fn announce(queue: &Queue, batch: &[Done], held: &HashMap<Uuid, TaskStatus>) {
+    let written = || {
+        batch
+            .iter()
+            .filter_map(|d| held.get(&d.id).map(|s| (d, *s)))
+    };
+    let scheduled: Vec<ScheduledEntry<'_>> = written()
+        .filter(|(_, s)| *s == TaskStatus::Scheduled)
+        .filter_map(|(d, _)| match &d.ended {
+            Ended::Retry { run_at, .. } => Some(ScheduledEntry {
+                queue: &d.queue,
+                id: d.id,
+                priority: d.priority,
+                run_at_ms: run_at.timestamp_millis(),
+            }),
+            Ended::Succeeded { .. } => None,
+        })
+        .collect();
+    if let Err(e) = queue.schedule_many(&scheduled).await {
+        tracing::warn!(error = %e, "could not schedule retries; the reconciler will");
+    }
+    let finished: Vec<Finished> = written()
+        .filter(|(_, s)| s.is_terminal())
+        .map(|(d, _)| Finished {
+            task: d.id,
+            batch: d.batch_id,
+        })
+        .collect();
+    if let Err(e) = queue.publish_finished(&finished).await {
+        tracing::debug!(error = %e, "could not announce completions");
+    }
+    let mut per_queue: Vec<(&str, Outcome, u64)> = Vec::new();
+    for (d, status) in written() {
+        let outcome = match status {
+            TaskStatus::Succeeded => Outcome::Succeeded,
+            TaskStatus::Failed => Outcome::Failed,
+            _ => continue,
+        };
+        match per_queue
+            .iter_mut()
+            .find(|(q, o, _)| *q == d.queue && *o == outcome)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => per_queue.push((&d.queue, outcome, 1)),
+        }
+    }
+    if let Err(e) = queue.count_finished(&per_queue).await {
+        tracing::debug!(error = %e, "throughput not counted");
     }
 }

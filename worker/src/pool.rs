@@ -30,6 +30,7 @@ use uuid::Uuid;
 use crate::backend::limit::Pull;
 use crate::backend::route::Router;
 use crate::backend::{Backend, BackendError, InferenceRequest};
+use crate::completer::Ended;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How long the list of queues (for a worker serving all of them) is reused
@@ -692,21 +693,31 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
         metrics::histogram!("inferq_task_end_to_end_seconds", "queue" => task.model.clone())
             .record(e2e.as_secs_f64());
     }
-    if let Finish::Succeeded { result } = finish {
-        let (reply, held) = tokio::sync::oneshot::channel();
-        let done = crate::completer::Done {
-            id: task.id,
-            queue: task.model.clone(),
-            attempt: task.attempts,
-            batch_id: task.batch_id,
-            result,
-            reply,
-        };
-        if inner.completions.send(done).await.is_err() || !held.await.unwrap_or(false) {
-            tracing::warn!("outcome not recorded: this attempt no longer holds the task");
+    // Successes and retries, the common outcomes, are written in batches.
+    let batched = match finish {
+        Finish::Succeeded { result } => Ok(Ended::Succeeded { result }),
+        Finish::Retry { error, run_at } => Ok(Ended::Retry { error, run_at }),
+        other => Err(other),
+    };
+    let finish = match batched {
+        Ok(ended) => {
+            let (reply, held) = tokio::sync::oneshot::channel();
+            let done = crate::completer::Done {
+                id: task.id,
+                queue: task.model.clone(),
+                priority: Priority::from_band(task.priority).unwrap_or(Priority::Normal),
+                attempt: task.attempts,
+                batch_id: task.batch_id,
+                ended,
+                reply,
+            };
+            if inner.completions.send(done).await.is_err() || !held.await.unwrap_or(false) {
+                tracing::warn!("outcome not recorded: this attempt no longer holds the task");
+            }
+            return;
         }
-        return;
-    }
+        Err(other) => other,
+    };
     let write = || inner.store.finish(task.id, task.attempts, &finish);
     let held = match write
         .retry(io_backoff())
@@ -726,12 +737,8 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
     }
     let priority = Priority::from_band(task.priority).unwrap_or(Priority::Normal);
     let dispatch = match &finish {
-        Finish::Retry { run_at, .. } => {
-            tracing::debug!(run_at = %run_at, "retry scheduled");
-            inner
-                .queue
-                .schedule(&task.model, task.id, priority, run_at.timestamp_millis())
-                .await
+        Finish::Succeeded { .. } | Finish::Retry { .. } => {
+            unreachable!("the completer writes successes and retries")
         }
         Finish::Released { .. } => {
             inner
@@ -744,14 +751,9 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 }])
                 .await
         }
-        Finish::Succeeded { .. } | Finish::Failed { .. } => {
+        Finish::Failed { .. } => {
             // Counted for the queue's throughput; not worth a warning.
-            let outcome = if matches!(finish, Finish::Failed { .. }) {
-                Outcome::Failed
-            } else {
-                Outcome::Succeeded
-            };
-            let counted = [(task.model.as_str(), outcome, 1)];
+            let counted = [(task.model.as_str(), Outcome::Failed, 1)];
             if let Err(e) = inner.queue.count_finished(&counted).await {
                 tracing::debug!(error = %e, "throughput not counted");
             }

@@ -6,13 +6,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use queue_core::service::Submission;
-use queue_core::task::{BatchRecord, NewBatch, TaskStatus};
+use queue_core::task::{BatchBodyError, BatchRecord, NewBatch, TaskStatus};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::error::{ApiError, Result};
-use crate::extract::{IdPath, JsonBody};
+use crate::extract::{IdPath, JsonBytes};
 use crate::query;
 use crate::routes::tasks::idempotency_key;
 use crate::waiters::wait_param;
@@ -28,12 +28,23 @@ pub fn router() -> Router<AppState> {
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody,
+    JsonBytes(body): JsonBytes,
 ) -> Result<(StatusCode, Json<Value>)> {
-    let key = idempotency_key(&headers, "batches", &body)?;
-    // Consumes the JSON: it is not held beside the tasks while they are
-    // written.
-    let batch = NewBatch::from_owned_json(body)?;
+    // The fingerprint needs the whole tree; only a keyed submission pays
+    // for it.
+    let key = if headers.contains_key(crate::routes::tasks::IDEMPOTENCY_KEY) {
+        let tree: Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        idempotency_key(&headers, "batches", &tree)?
+    } else {
+        None
+    };
+    let batch = NewBatch::from_slice(&body).map_err(|e| match e {
+        BatchBodyError::Malformed(e) => ApiError::MalformedJson(e.to_string()),
+        BatchBodyError::Invalid(e) => ApiError::Invalid(e),
+    })?;
+    // Not held beside the tasks while they are written.
+    drop(body);
     let id = Uuid::now_v7();
     let (status, id, ids, created_at) = match state
         .service

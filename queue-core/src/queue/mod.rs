@@ -297,6 +297,33 @@ impl Queue {
         Ok(())
     }
 
+    /// [`Queue::schedule`] for many tasks, in one pipeline.
+    pub async fn schedule_many(&self, entries: &[ScheduledEntry<'_>]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        let mut queues: Vec<&str> = Vec::new();
+        for e in entries {
+            pipe.cmd("ZADD")
+                .arg(self.scheduled_key(e.queue))
+                .arg(e.run_at_ms)
+                .arg(scheduled_member(e.priority, e.run_at_ms, e.id))
+                .ignore();
+            if !queues.contains(&e.queue) {
+                queues.push(e.queue);
+            }
+        }
+        pipe.cmd("SADD")
+            .arg(self.queues_key())
+            .arg(&queues)
+            .ignore();
+        self.announce(&mut pipe, &queues);
+        let mut conn = self.pool.get().await?;
+        let () = pipe.query_async(&mut *conn).await?;
+        Ok(())
+    }
+
     /// Takes up to `count` ready ids of `queue`, highest priority first,
     /// after moving due scheduled tasks to ready.
     pub async fn pop(&self, queue: &str, count: usize, now_ms: i64) -> Result<Vec<Popped>> {

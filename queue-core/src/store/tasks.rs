@@ -450,6 +450,48 @@ impl Store {
         .await?)
     }
 
+    /// Records many retryable failures in one statement, each fenced like
+    /// [`Store::finish`]: the task waits until its run-at, or, past
+    /// `max_attempts`, becomes the dead letter it must be. Returns the ids
+    /// whose write took effect, with the status each now has.
+    pub async fn finish_retry_many(
+        &self,
+        retries: &[(Uuid, i32, &str, DateTime<Utc>)],
+    ) -> Result<Vec<(Uuid, TaskStatus)>> {
+        if retries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = retries.iter().map(|r| r.0).collect();
+        let attempts: Vec<i32> = retries.iter().map(|r| r.1).collect();
+        let errors: Vec<&str> = retries.iter().map(|r| r.2).collect();
+        let run_at: Vec<DateTime<Utc>> = retries.iter().map(|r| r.3).collect();
+        Ok(sqlx::query_as(
+            "WITH u AS (
+                SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[])
+                           AS u(id, attempt, error, run_at)
+             ), t AS (
+                UPDATE tasks SET
+                       status = CASE WHEN tasks.attempts >= tasks.max_attempts THEN 'failed' ELSE 'scheduled' END,
+                       run_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN NULL ELSE u.run_at END,
+                       finished_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN now() END,
+                       error = u.error, lease_until = NULL
+                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND tasks.status = 'running'
+             RETURNING tasks.id, tasks.attempts, tasks.status, u.error
+             ), h AS (
+                UPDATE task_attempts a SET finished_at = now(),
+                       outcome = CASE WHEN t.status = 'failed' THEN 'failed' ELSE 'retry' END, error = t.error
+                  FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+             )
+             SELECT id, status FROM t",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&errors)
+        .bind(&run_at)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Records many successful attempts in one statement (the worker's
     /// completions, collected for a millisecond or two). Fenced per row like
     /// [`Store::finish`]; returns the ids whose write took effect.
