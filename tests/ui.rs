@@ -18,6 +18,8 @@ async fn the_dashboard_works_in_headless_chromium() {
     let api = env.api(&[("INFERQ_ADMIN_TOKEN", token.to_owned())]).await;
     let _worker = env.worker("worker.log", &[]);
     let shots = root.join("target").join("ui-screenshots");
+    // Only this run's screenshots count.
+    let _ = std::fs::remove_dir_all(&shots);
     let node_path = std::process::Command::new("bash")
         .arg(root.join("scripts/browser.sh"))
         .arg("node-path")

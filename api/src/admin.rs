@@ -79,15 +79,16 @@ impl AdminAccess {
             // Strict: never sent on a cross-site request, so another site
             // cannot pause a queue or re-drive through a logged-in browser.
             format!(
-                "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+                "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_SECS}",
                 cookie_value(token)
             )
         })
     }
 }
 
-/// The dashboard's login cookie.
+/// The dashboard's login cookie, and how long a login lasts.
 const COOKIE: &str = "inferq_admin";
+const COOKIE_MAX_AGE_SECS: u32 = 12 * 3600;
 
 /// What the cookie holds: a digest of the token, so the token itself is
 /// never stored in the browser.
@@ -122,5 +123,14 @@ pub async fn require(
     next: Next,
 ) -> Result<Response, ApiError> {
     state.admin.check(request.headers())?;
+    // A browser says where a request comes from: another site's page must
+    // not pause a queue through a logged-in (or loopback) dashboard.
+    // Command-line clients send no such header.
+    if request.method() != axum::http::Method::GET
+        && let Some(site) = request.headers().get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return Err(ApiError::CrossSite);
+    }
     Ok(next.run(request).await)
 }

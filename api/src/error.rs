@@ -25,6 +25,9 @@ pub enum ApiError {
     /// A query parameter that cannot be what it names.
     #[error("{message}")]
     BadQuery { field: String, message: String },
+    /// An admin action sent by another site's page.
+    #[error("cross-site requests to the admin routes are refused")]
+    CrossSite,
     /// Too many submissions in flight: shed before reading the body.
     #[error("the API is at capacity; nothing was changed, retry after a second")]
     Overloaded,
@@ -88,6 +91,7 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             ApiError::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled", None),
+            ApiError::CrossSite => (StatusCode::FORBIDDEN, "cross_site", None),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::NotCancellable { .. } => (StatusCode::CONFLICT, "not_cancellable", None),
             ApiError::IdempotencyKeyReused => (

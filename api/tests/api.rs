@@ -1177,6 +1177,19 @@ async fn the_dashboard_logs_in_with_the_admin_token_and_its_cookie_opens_the_adm
     assert_eq!(status, StatusCode::OK, "the cookie opens the admin routes");
     let (status, ..) = call(with_cookie("/queues", "inferq_admin=forged"), "").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(cookie.contains("Max-Age="), "a login expires: {cookie}");
+    // Another site's page cannot act through the logged-in browser.
+    let pause = |site: &'static str| {
+        Request::builder()
+            .method("POST")
+            .uri("/queues/q/pause")
+            .header(header::COOKIE, pair.clone())
+            .header("sec-fetch-site", site)
+    };
+    let (status, ..) = call(pause("cross-site"), "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, ..) = call(pause("same-origin"), "").await;
+    assert_eq!(status, StatusCode::OK, "the dashboard's own request");
     let (status, _, _, kind, _) = call(get("/ui/app.js"), "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(kind.unwrap().starts_with("text/javascript"));

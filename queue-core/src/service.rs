@@ -223,7 +223,8 @@ impl Service {
         // Only failures from before the re-drive began: a task that fails
         // again meanwhile is not taken twice by one re-drive.
         let mut filter = filter.clone();
-        let now = Utc::now();
+        // PostgreSQL's clock, which stamped `finished_at`, not this host's.
+        let now = self.store.now().await?;
         filter.finished_before = Some(filter.finished_before.map_or(now, |b| b.min(now)));
         let filter = &filter;
         let mut total = 0;

@@ -134,7 +134,11 @@ impl Worker {
                 rx,
             ))
         });
-        let wake_listener = tokio::spawn(listen_for_work(inner.queue.clone(), inner.wake.clone()));
+        let wake_listener = tokio::spawn(listen_for_work(
+            inner.queue.clone(),
+            inner.wake.clone(),
+            inner.config.queue_list(),
+        ));
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         tracing::info!(concurrency = inner.config.concurrency, "worker started");
         metrics::gauge!("inferq_worker_concurrency").set(inner.config.concurrency as f64);
@@ -254,9 +258,18 @@ async fn fetch_loop(
 
 /// Wakes the fetch loop whenever new work is announced, for as long as the
 /// worker runs (resubscribing after a Redis outage).
-async fn listen_for_work(queue: Queue, wake: Arc<tokio::sync::watch::Sender<u64>>) {
+async fn listen_for_work(
+    queue: Queue,
+    wake: Arc<tokio::sync::watch::Sender<u64>>,
+    served: Vec<String>,
+) {
     loop {
-        let mut on_work = || wake.send_modify(|n| *n = n.wrapping_add(1));
+        // Work for a queue this worker does not serve wakes nobody.
+        let mut on_work = |q: Option<&str>| {
+            if q.is_none_or(|q| served.is_empty() || served.iter().any(|s| s == q)) {
+                wake.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        };
         if let Err(e) = queue.listen_work(&mut on_work).await {
             tracing::debug!(error = %e, "work announcements unavailable; retrying");
         }
@@ -278,6 +291,10 @@ struct Fetcher {
     errors: u32,
     /// The last fetch skipped a queue because its breaker was open.
     held_back: bool,
+    /// The last fetch popped ids (set before knowing whether any could be
+    /// claimed): stale ids (finished, cancelled, duplicates) may sit in
+    /// front of live ones, so the queue is not known to be empty.
+    popped_stale: bool,
 }
 
 impl Fetcher {
@@ -291,6 +308,7 @@ impl Fetcher {
             next: 0,
             errors: 0,
             held_back: false,
+            popped_stale: false,
         }
     }
 
@@ -299,12 +317,18 @@ impl Fetcher {
     /// `idle_ms`; briefly while a breaker holds queues back.
     async fn idle_wait(&mut self, inner: &Inner) -> Duration {
         let longest = Duration::from_millis(inner.config.idle_ms.max(1));
+        if self.popped_stale {
+            return Duration::ZERO;
+        }
         if self.held_back {
             return BREAKER_RECHECK.min(longest);
         }
-        let Ok(queues) = self.queues(&inner.queue).await else {
+        let Ok(mut queues) = self.queues(&inner.queue).await else {
             return longest;
         };
+        // Only queues this worker can run: another model's overdue retry
+        // must not keep it awake.
+        queues.retain(|q| inner.router.resolve(q).is_some());
         match inner.queue.next_due_ms(&queues).await {
             Ok(Some(due_ms)) => {
                 let until = (due_ms - chrono::Utc::now().timestamp_millis()).max(1) as u64;
@@ -347,6 +371,7 @@ impl Fetcher {
         tracker: &TaskTracker,
     ) -> queue_core::Result<usize> {
         self.held_back = false;
+        self.popped_stale = false;
         let queues = self.queues(&inner.queue).await?;
         if queues.is_empty() {
             return Ok(0);
@@ -380,6 +405,7 @@ impl Fetcher {
                 }
                 continue;
             }
+            self.popped_stale = true;
             let ids: Vec<Uuid> = popped.iter().map(|p| p.id).collect();
             let mut claimed = match inner.store.claim(&ids, lease(&inner.config)).await {
                 Ok(c) => c,
@@ -532,8 +558,7 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, slot: OwnedSemaphoreP
             None => {
                 // The task was taken from us (cancelled or re-leased):
                 // there is nothing of ours left to record.
-                inner.in_flight.lock().expect("lock").remove(&task.id);
-                metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
+                forget(&inner, &task);
                 return;
             }
         };
@@ -546,11 +571,24 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, slot: OwnedSemaphoreP
         // behind.
         drop(slot);
         record(&inner, &task, finish).await;
-        inner.in_flight.lock().expect("lock").remove(&task.id);
-        metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
+        forget(&inner, &task);
     }
     .instrument(span)
     .await;
+}
+
+/// Drops this attempt from the in-flight set, unless a later attempt of
+/// the same task (claimed again here after a quick retry) has replaced it:
+/// that one must keep its lease renewals and cancel checks.
+fn forget(inner: &Inner, task: &ClaimedTask) {
+    let mut map = inner.in_flight.lock().expect("lock");
+    if map
+        .get(&task.id)
+        .is_some_and(|f| f.attempt == task.attempts)
+    {
+        map.remove(&task.id);
+    }
+    metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
 }
 
 /// The backend call of one attempt, turned into how the attempt ends;

@@ -873,6 +873,8 @@ async fn an_idle_worker_wakes_on_new_work_and_on_due_retries_not_a_timer(pool: P
         &svc,
         WorkerConfig {
             idle_ms: 600_000,
+            // No reconciler: its re-dispatch would wake the worker too.
+            sweep: false,
             ..fast_retries()
         },
     );

@@ -41,18 +41,19 @@ impl Queue {
         format!("{}:work", self.prefix)
     }
 
-    /// Subscribes to new-work announcements and calls `on_work` for each,
-    /// and once on (re)subscribing (announcements may have been missed),
-    /// until the connection drops (then returns, for the caller to call
-    /// again).
-    pub async fn listen_work(&self, on_work: &mut (dyn FnMut() + Send)) -> Result<()> {
+    /// Subscribes to new-work announcements and calls `on_work` with the
+    /// queue of each, and with `None` on (re)subscribing (announcements
+    /// may have been missed), until the connection drops (then returns,
+    /// for the caller to call again).
+    pub async fn listen_work(&self, on_work: &mut (dyn FnMut(Option<&str>) + Send)) -> Result<()> {
         let client = redis::Client::open(self.url.as_str())?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(self.work_channel()).await?;
-        on_work();
+        on_work(None);
         let mut messages = pubsub.on_message();
-        while messages.next().await.is_some() {
-            on_work();
+        while let Some(msg) = messages.next().await {
+            let queue: Option<String> = msg.get_payload().ok();
+            on_work(Some(queue.as_deref().unwrap_or("")));
         }
         Ok(())
     }

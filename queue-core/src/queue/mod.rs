@@ -266,10 +266,17 @@ impl Queue {
             .arg(self.queues_key())
             .arg(&queues)
             .ignore();
-        self.announce(&mut pipe, &queues);
         let mut conn = self.pool.get().await?;
         let added: Vec<u64> = pipe.query_async(&mut *conn).await?;
-        Ok(added.iter().sum())
+        let added = added.iter().sum();
+        // Only restored ids are new work: a sweep that found everything in
+        // place wakes nobody.
+        if added > 0 {
+            let mut pipe = redis::pipe();
+            self.announce(&mut pipe, &queues);
+            let () = pipe.query_async(&mut *conn).await?;
+        }
+        Ok(added)
     }
 
     /// Parks a task until `run_at_ms`, when a pop moves it to ready at the

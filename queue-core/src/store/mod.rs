@@ -83,6 +83,13 @@ impl Store {
         &self.pool
     }
 
+    /// PostgreSQL's clock.
+    pub async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>> {
+        Ok(sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Readiness: PostgreSQL answers a query.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
