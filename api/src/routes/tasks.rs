@@ -139,14 +139,16 @@ async fn show(
         }
     }
     if tokio::time::timeout(wait, woken).await.is_err() {
-        return Ok(Json(read_view(&state, id).await?));
+        return Ok(Json(read_view_patiently(&state, id).await?));
     }
     // Woken: the first waiter reads, the others of this task share it.
     let view = watch
         .entry
         .finished
         .get_or_try_init(|| async {
-            let view = read_view(&state, id).await.map_err(Reread::Failed)?;
+            let view = read_view_patiently(&state, id)
+                .await
+                .map_err(Reread::Failed)?;
             if is_terminal(&view) {
                 Ok(view)
             } else {
@@ -172,6 +174,22 @@ fn is_terminal(view: &Value) -> bool {
         view["status"].as_str(),
         Some("succeeded" | "failed" | "cancelled")
     )
+}
+
+/// A waiter's read at the end of its wait. A wake sends thousands of
+/// answers at once, and the read's wait for a pooled connection can then
+/// outlast the pool's acquire timeout; a client that asked to wait may wait
+/// a little longer, so the read is tried twice more before a 503.
+async fn read_view_patiently(state: &AppState, id: uuid::Uuid) -> Result<Value> {
+    use backon::Retryable as _;
+    (|| read_view(state, id))
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(100))
+                .with_max_times(2),
+        )
+        .when(|e| matches!(e, ApiError::Core(c) if c.is_unavailable()))
+        .await
 }
 
 async fn read_view(state: &AppState, id: uuid::Uuid) -> Result<Value> {
