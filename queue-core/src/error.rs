@@ -18,8 +18,10 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when the store could not be reached (as opposed to refusing a
-    /// statement): the caller should answer 503 or back off and retry.
+    /// True when the store could not be reached, or aborted the statement
+    /// for reasons of its own (a deadlock with a concurrent statement),
+    /// as opposed to refusing it: nothing was changed, and the caller
+    /// should answer 503 or back off and retry.
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Db(e) => {
@@ -33,8 +35,14 @@ impl Error {
                 ) || e
                     .as_database_error()
                     .and_then(|d| d.code())
-                    // 57P01..03: admin shutdown, crash shutdown, cannot connect now.
-                    .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+                    // 57P01..03: admin shutdown, crash shutdown, cannot connect now;
+                    // 08: connection exceptions; 40P01 deadlock and 40001
+                    // serialization failure: the transaction was rolled back
+                    // (a worker's batched completion against its own lease
+                    // renewal locks the same rows in another order).
+                    .is_some_and(|c| {
+                        c.starts_with("57P") || c.starts_with("08") || c == "40P01" || c == "40001"
+                    })
             }
             Error::Migrate(_) => false,
             Error::Redis(e) => {

@@ -190,3 +190,38 @@ async fn a_batch_is_committed_whole_and_counted(pool: PgPool) {
     assert_eq!(svc.queue.depth("m").await.unwrap(), (12_000, 0));
     svc.queue.purge().await.unwrap();
 }
+
+/// A statement that loses a deadlock changed nothing and succeeds when
+/// tried again, so it counts as unavailable and every store write retries
+/// it (a worker's batched completion can deadlock with its own lease
+/// renewal: both lock the same rows, in different orders).
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_lost_deadlock_counts_as_unavailable_so_writes_retry(pool: PgPool) {
+    sqlx::query("CREATE TABLE pair (id int PRIMARY KEY, v int NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO pair VALUES (1, 0), (2, 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut a = pool.begin().await.unwrap();
+    let mut b = pool.begin().await.unwrap();
+    for (tx, id) in [(&mut a, 1), (&mut b, 2)] {
+        sqlx::query("UPDATE pair SET v = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .unwrap();
+    }
+    let (ra, rb) = tokio::join!(
+        sqlx::query("UPDATE pair SET v = 2 WHERE id = 2").execute(&mut *a),
+        sqlx::query("UPDATE pair SET v = 2 WHERE id = 1").execute(&mut *b),
+    );
+    let lost = [ra.err(), rb.err()]
+        .into_iter()
+        .flatten()
+        .next()
+        .expect("PostgreSQL aborts one side of the deadlock");
+    assert!(queue_core::Error::from(lost).is_unavailable());
+}
