@@ -292,28 +292,8 @@ async fn main() -> anyhow::Result<()> {
             "{}",
             check(http.get(format!("{url}/queues")).send().await?).await?
         ),
-        Command::Pause { model } => {
-            println!(
-                "{}",
-                check(
-                    http.post(format!("{url}/queues/{model}/pause"))
-                        .send()
-                        .await?
-                )
-                .await?
-            );
-        }
-        Command::Resume { model } => {
-            println!(
-                "{}",
-                check(
-                    http.post(format!("{url}/queues/{model}/resume"))
-                        .send()
-                        .await?
-                )
-                .await?
-            );
-        }
+        Command::Pause { model } => queue_action(&http, &url, &model, "pause").await?,
+        Command::Resume { model } => queue_action(&http, &url, &model, "resume").await?,
         Command::Dlq {
             action:
                 DlqAction::List {
@@ -375,4 +355,19 @@ fn encode(v: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// `POST /queues/{model}/{action}`, printing the answer.
+async fn queue_action(
+    http: &reqwest::Client,
+    url: &str,
+    model: &str,
+    action: &str,
+) -> anyhow::Result<()> {
+    let resp = http
+        .post(format!("{url}/queues/{model}/{action}"))
+        .send()
+        .await?;
+    println!("{}", check(resp).await?);
+    Ok(())
 }

@@ -68,6 +68,31 @@ async fn submit(svc: &Service, body: Value) -> Uuid {
     svc.submit(&task(body)).await.unwrap().ids[0]
 }
 
+/// A batch of `n` sim tasks prompted `<prefix><i>`.
+async fn submit_sim_batch(
+    svc: &Service,
+    n: usize,
+    prefix: &str,
+) -> (Uuid, queue_core::service::Accepted) {
+    let tasks: Vec<NewTask> = (0..n)
+        .map(|i| task(json!({"model": "sim", "prompt": format!("{prefix}{i}")})))
+        .collect();
+    svc.submit_batch(&NewBatch {
+        tasks,
+        metadata: None,
+    })
+    .await
+    .unwrap()
+}
+
+async fn wait_batch_complete(svc: &Service, batch_id: Uuid) -> queue_core::task::BatchRecord {
+    wait_for("batch to complete", Duration::from_secs(120), || async {
+        let b = svc.batch(batch_id).await.unwrap().unwrap();
+        b.is_complete().then_some(b)
+    })
+    .await
+}
+
 async fn wait_terminal(
     svc: &Service,
     id: Uuid,
@@ -264,16 +289,7 @@ async fn a_cancelled_queued_task_never_runs(pool: PgPool) {
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn a_10k_batch_completes_with_correct_counts(pool: PgPool) {
     let svc = testkit::service(pool);
-    let tasks: Vec<NewTask> = (0..10_000)
-        .map(|i| task(json!({"model": "sim", "prompt": format!("item {i}")})))
-        .collect();
-    let (batch_id, accepted) = svc
-        .submit_batch(&NewBatch {
-            tasks,
-            metadata: None,
-        })
-        .await
-        .unwrap();
+    let (batch_id, accepted) = submit_sim_batch(&svc, 10_000, "item ").await;
     let worker = start(
         &svc,
         WorkerConfig {
@@ -281,11 +297,7 @@ async fn a_10k_batch_completes_with_correct_counts(pool: PgPool) {
             ..fast_retries()
         },
     );
-    let batch = wait_for("batch to complete", Duration::from_secs(120), || async {
-        let b = svc.batch(batch_id).await.unwrap().unwrap();
-        b.is_complete().then_some(b)
-    })
-    .await;
+    let batch = wait_batch_complete(&svc, batch_id).await;
     worker.stop().await;
     assert_eq!(batch.total, 10_000);
     assert_eq!(batch.count(TaskStatus::Succeeded), 10_000);
@@ -768,16 +780,7 @@ async fn redriving_1000_dead_letters_runs_them_again_with_their_history(pool: Pg
         let stop = stop.clone();
         async move { worker.run(stop).await }
     });
-    let tasks: Vec<NewTask> = (0..1000)
-        .map(|i| task(json!({"model": "sim", "prompt": format!("d{i}")})))
-        .collect();
-    let (batch_id, accepted) = svc
-        .submit_batch(&NewBatch {
-            tasks,
-            metadata: None,
-        })
-        .await
-        .unwrap();
+    let (batch_id, accepted) = submit_sim_batch(&svc, 1000, "d").await;
     wait_for("all to fail", Duration::from_secs(60), || async {
         let b = svc.batch(batch_id).await.unwrap().unwrap();
         (b.count(TaskStatus::Failed) == 1000).then_some(())
@@ -918,16 +921,7 @@ async fn an_idle_worker_wakes_on_new_work_and_on_due_retries_not_a_timer(pool: P
 async fn no_task_is_claimed_twice_by_concurrent_workers(pool: PgPool) {
     use queue_core::queue::ReadyEntry;
     let svc = testkit::service(pool);
-    let tasks: Vec<NewTask> = (0..3_000)
-        .map(|i| task(json!({"model": "sim", "prompt": format!("item {i}")})))
-        .collect();
-    let (batch_id, accepted) = svc
-        .submit_batch(&NewBatch {
-            tasks,
-            metadata: None,
-        })
-        .await
-        .unwrap();
+    let (batch_id, accepted) = submit_sim_batch(&svc, 3_000, "item ").await;
     let workers: Vec<RunningWorker> = (0..3)
         .map(|_| {
             start(
@@ -958,11 +952,7 @@ async fn no_task_is_claimed_twice_by_concurrent_workers(pool: PgPool) {
         svc.queue.push_ready(&entries).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let batch = wait_for("batch to complete", Duration::from_secs(120), || async {
-        let b = svc.batch(batch_id).await.unwrap().unwrap();
-        b.is_complete().then_some(b)
-    })
-    .await;
+    let batch = wait_batch_complete(&svc, batch_id).await;
     for w in workers {
         w.stop().await;
     }

@@ -170,10 +170,10 @@ enum Reread {
 }
 
 fn is_terminal(view: &Value) -> bool {
-    matches!(
-        view["status"].as_str(),
-        Some("succeeded" | "failed" | "cancelled")
-    )
+    view["status"]
+        .as_str()
+        .and_then(TaskStatus::parse)
+        .is_some_and(TaskStatus::is_terminal)
 }
 
 /// A waiter's read at the end of its wait. A wake sends thousands of

@@ -288,23 +288,18 @@ impl Queue {
         priority: Priority,
         run_at_ms: i64,
     ) -> Result<()> {
-        let member = scheduled_member(priority, run_at_ms, id);
-        let mut conn = self.pool.get().await?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZADD")
-            .arg(self.scheduled_key(queue))
-            .arg(run_at_ms)
-            .arg(member)
-            .ignore();
-        pipe.cmd("SADD").arg(self.queues_key()).arg(queue).ignore();
-        // An idle worker sleeps until the soonest due task: this may be
-        // sooner.
-        self.announce(&mut pipe, &[queue]);
-        let () = pipe.query_async(&mut *conn).await?;
-        Ok(())
+        self.schedule_many(&[ScheduledEntry {
+            queue,
+            id,
+            priority,
+            run_at_ms,
+        }])
+        .await
     }
 
-    /// [`Queue::schedule`] for many tasks, in one pipeline.
+    /// [`Queue::schedule`] for many tasks, in one pipeline. An idle worker
+    /// sleeps until the soonest due task; the announcement tells it of a
+    /// sooner one.
     pub async fn schedule_many(&self, entries: &[ScheduledEntry<'_>]) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
