@@ -130,7 +130,7 @@ async fn show(
             return Ok(Json(view.clone()));
         }
         if !watch.entry.known_unfinished.load(Ordering::SeqCst) {
-            let view = read_view(&state, id).await?;
+            let view = read_view_patiently(&state, id).await?;
             if is_terminal(&view) {
                 let _ = watch.entry.finished.set(view.clone());
                 return Ok(Json(view));
@@ -176,10 +176,11 @@ fn is_terminal(view: &Value) -> bool {
         .is_some_and(TaskStatus::is_terminal)
 }
 
-/// A waiter's read at the end of its wait. A wake sends thousands of
-/// answers at once, and the read's wait for a pooled connection can then
-/// outlast the pool's acquire timeout; a client that asked to wait may wait
-/// a little longer, so the read is tried twice more before a 503.
+/// A waiter's read (the first of its task, and the one that ends a wait).
+/// Thousands of waiters arriving or woken at once keep the process busy,
+/// and the read's wait for a pooled connection can then outlast the pool's
+/// acquire timeout; a client that asked to wait may wait a little longer,
+/// so the read is tried twice more before a 503.
 async fn read_view_patiently(state: &AppState, id: uuid::Uuid) -> Result<Value> {
     use backon::Retryable as _;
     (|| read_view(state, id))
