@@ -11,6 +11,9 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/inferq}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+# On 127.0.0.1 only, without API keys (everything is tenant `default`).
+# For keys: INFERQ_AUTH=required INFERQ_ADMIN_TOKEN=... scripts/dev.sh
+export INFERQ_AUTH="${INFERQ_AUTH:-off}"
 
 "$bin/inferq-api" migrate
 "$bin/inferq-api" & api=$!

@@ -417,7 +417,7 @@ async fn metrics_after_a_known_workload() {
     assert_eq!(
         sample(
             &api_text,
-            r#"inferq_tasks_submitted_total{queue="metered"}"#
+            r#"inferq_tasks_submitted_total{queue="metered",tenant="default"}"#
         ),
         Some(10.0)
     );

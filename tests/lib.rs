@@ -107,7 +107,11 @@ impl Env {
     /// Starts `inferq-api` on a free port and waits until it answers.
     pub async fn api(&self, extra: &[(&str, String)]) -> Api {
         let port = free_port();
-        let mut vars = vec![("INFERQ_BIND", format!("127.0.0.1:{port}"))];
+        // Tests not about auth run without it; the auth tests turn it on.
+        let mut vars = vec![
+            ("INFERQ_BIND", format!("127.0.0.1:{port}")),
+            ("INFERQ_AUTH", "off".to_owned()),
+        ];
         vars.extend(extra.iter().cloned());
         let child = self
             .command("inferq-api", "api.log", &vars)

@@ -1,7 +1,8 @@
-//! Access to the admin routes (`/queues`, `/dlq`, `/ui`): the admin token
-//! (a Bearer header, or the dashboard's login cookie) when one is
-//! configured; without one, only while the API listens on loopback, so
-//! an operator who binds `0.0.0.0` without a token does not expose them.
+//! The admin token and access to the admin routes (`/queues`, `/dlq`,
+//! `/admin`, `/ui`): the admin token (a Bearer header, or the dashboard's
+//! login cookie) or, with auth required, a key with the `admin` scope.
+//! With auth off and no token, they are open only while the API listens
+//! on loopback, so an operator who binds `0.0.0.0` does not expose them.
 
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
@@ -10,7 +11,10 @@ use axum::middleware::Next;
 use axum::response::Response;
 use sha2::{Digest as _, Sha256};
 
+use queue_core::access::{Scope, constant_time_eq};
+
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::ApiError;
 
 #[derive(Clone)]
@@ -43,6 +47,10 @@ impl AdminAccess {
         AdminAccess::LoopbackOnly { loopback }
     }
 
+    pub fn has_token(&self) -> bool {
+        matches!(self, AdminAccess::Token(_))
+    }
+
     /// Whether this request may use the admin routes: the token as a
     /// Bearer header, or the dashboard's login cookie.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -63,7 +71,9 @@ impl AdminAccess {
                 let expected = cookie_value(token);
                 match cookie {
                     Some(c) if constant_time_eq(c.as_bytes(), expected.as_bytes()) => Ok(()),
-                    _ => Err(ApiError::Unauthorized),
+                    _ => Err(ApiError::Unauthorized {
+                        invalid: bearer.is_some(),
+                    }),
                 }
             }
         }
@@ -108,21 +118,21 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find_map(|(k, v)| (k == name).then_some(v))
 }
 
-/// Compares without an early exit, so timing does not reveal how much of
-/// a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
+/// The admin routes' guard, after [`crate::auth::authenticate`]: the
+/// `admin` scope, and no cross-site writes.
 pub async fn require(
     State(state): State<AppState>,
+    caller: Caller,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    state.admin.check(request.headers())?;
+    if !caller.has(Scope::Admin) {
+        // With auth off, say why the routes are closed.
+        if state.auth.mode() == queue_core::config::AuthMode::Off {
+            state.auth.admin().check(request.headers())?;
+        }
+        caller.need(Scope::Admin)?;
+    }
     // A browser says where a request comes from: another site's page must
     // not pause a queue through a logged-in (or loopback) dashboard.
     // Command-line clients send no such header.

@@ -31,9 +31,22 @@ pub enum ApiError {
     /// Too many submissions in flight: shed before reading the body.
     #[error("the API is at capacity; nothing was changed, retry after a second")]
     Overloaded,
-    /// The admin routes need the admin token.
-    #[error("this route needs the admin token (Authorization: Bearer <INFERQ_ADMIN_TOKEN>)")]
-    Unauthorized,
+    /// No credentials, or ones that are not a live key or the admin token.
+    #[error("{}", if *invalid { "the API key or token is not valid (unknown or revoked)" } else { "this route needs an API key or the admin token as `Authorization: Bearer <key>`" })]
+    Unauthorized { invalid: bool },
+    /// The caller's key lacks a scope the route needs.
+    #[error("this key lacks the `{}` scope", scope.as_str())]
+    MissingScope { scope: queue_core::access::Scope },
+    /// Over one of the caller's limits; nothing was changed.
+    #[error("{message}")]
+    RateLimited {
+        limit: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+    },
+    /// The body did not arrive within the body timeout.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     /// The admin routes are off: no token is set and the API is not on loopback.
     #[error("admin routes are served only on a loopback address while INFERQ_ADMIN_TOKEN is unset")]
     AdminDisabled,
@@ -89,7 +102,14 @@ impl IntoResponse for ApiError {
                 "invalid_query",
                 Some(field.clone()),
             ),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            ApiError::MissingScope { .. } => (StatusCode::FORBIDDEN, "missing_scope", None),
+            ApiError::RateLimited { limit, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                Some((*limit).to_owned()),
+            ),
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout", None),
             ApiError::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled", None),
             ApiError::CrossSite => (StatusCode::FORBIDDEN, "cross_site", None),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
@@ -111,13 +131,16 @@ impl IntoResponse for ApiError {
             }
             ApiError::Core(e) if e.is_unavailable() => {
                 // Per request, and an outage makes thousands: counted, and
-                // logged at debug (the store clients log the outage itself).
+                // logged at warn once a second at most (the store clients
+                // log the outage itself).
                 metrics::counter!("inferq_api_unavailable_total").increment(1);
-                tracing::debug!(error = %e, "store unavailable");
+                if crate::request_id::log_this_second() {
+                    tracing::warn!(request_id = %crate::request_id::current(), error = %e, "store unavailable: 503");
+                }
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
             }
             ApiError::Core(e) => {
-                tracing::error!(error = %e, "internal error");
+                tracing::error!(request_id = %crate::request_id::current(), error = %e, "internal error: 500");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None)
             }
         };
@@ -133,17 +156,33 @@ impl IntoResponse for ApiError {
         if let Some(field) = field {
             error["field"] = json!(field);
         }
-        let mut response = (status, Json(json!({ "error": error }))).into_response();
-        if matches!(self, ApiError::Overloaded) {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
+        if status.is_server_error() {
+            // What an operator needs to find the log line, and nothing else.
+            error["request_id"] = json!(crate::request_id::current());
         }
-        if status == StatusCode::UNAUTHORIZED {
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        let retry_after = match &self {
+            ApiError::Overloaded => Some(1),
+            // Whole seconds, rounded up: never earlier than it would pass.
+            ApiError::RateLimited { retry_after, .. } => {
+                Some(retry_after.as_millis().div_ceil(1000).max(1) as u64)
+            }
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        if let ApiError::Unauthorized { invalid } = self {
+            let challenge = if invalid {
+                "Bearer realm=\"inferq\", error=\"invalid_token\""
+            } else {
+                "Bearer realm=\"inferq\""
+            };
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer realm=\"inferq-admin\""),
+                axum::http::HeaderValue::from_static(challenge),
             );
         }
         response

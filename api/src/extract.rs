@@ -7,16 +7,23 @@ use axum::http::request::Parts;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::AppState;
 use crate::error::ApiError;
 
 /// A JSON body, parsed to a value; `queue_core::task` checks its fields.
 pub struct JsonBody(pub Value);
 
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
+impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        // A slow client cannot hold a handler (and its memory) forever.
+        let axum::Json(value) = tokio::time::timeout(
+            state.body_timeout,
+            axum::Json::<Value>::from_request(req, state),
+        )
+        .await
+        .map_err(|_| ApiError::BodyTimeout)??;
         Ok(JsonBody(value))
     }
 }
@@ -25,10 +32,10 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 /// the content type is checked here, the JSON by whoever parses it.
 pub struct JsonBytes(pub axum::body::Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for JsonBytes {
+impl FromRequest<AppState> for JsonBytes {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let content_type = req
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
@@ -46,15 +53,19 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::TooLarge
-                } else {
-                    ApiError::MalformedJson(rejection.body_text())
-                }
-            })?;
+        let bytes = tokio::time::timeout(
+            state.body_timeout,
+            axum::body::Bytes::from_request(req, state),
+        )
+        .await
+        .map_err(|_| ApiError::BodyTimeout)?
+        .map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge
+            } else {
+                ApiError::MalformedJson(rejection.body_text())
+            }
+        })?;
         Ok(JsonBytes(bytes))
     }
 }

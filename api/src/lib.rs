@@ -3,9 +3,12 @@
 //! # Layout
 //!
 //! - [`routes`]: one module per resource (`tasks`, `batches`, `queues`, `dlq`, `health`,
-//!   `ui` the dashboard);
+//!   `keys`, `tenants`, `audit`, `ui` the dashboard);
 //!   `/metrics` renders the process's Prometheus recorder.
-//! - [`admin`]: who may use the admin routes (`/queues`, `/dlq`).
+//! - [`auth`]: who is calling (API keys, the admin token), their tenant,
+//!   scopes and limits; [`admin`]: the admin token and the admin routes' guard.
+//! - [`request_id`]: an id per request, in 5xx bodies and log lines.
+//! - [`serve`]: the accept loop (header timeout, optional TLS).
 //! - [`error`]: `ApiError`, the one mapping of failures to HTTP.
 //! - [`waiters`]: long-poll (`?wait=`) waiters woken by completion events.
 //! - [`extract`]: our JSON body and id extractors (our error shape on bad
@@ -14,10 +17,13 @@
 //! [`app`] builds the router for `main` and for the tests alike.
 
 pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod query;
+pub mod request_id;
 pub mod routes;
+pub mod serve;
 pub mod waiters;
 
 use std::sync::Arc;
@@ -32,12 +38,14 @@ pub struct AppState {
     pub service: Service,
     /// Long-poll waiters, woken by the completion-event subscription.
     pub waiters: Arc<waiters::Waiters>,
-    /// Who may use the admin routes.
-    pub admin: Arc<admin::AdminAccess>,
+    /// Who is calling, and what they may do.
+    pub auth: Arc<auth::Auth>,
     /// Serve the dashboard from this directory, not the binary.
     pub ui_dir: routes::ui::UiDir,
     /// Submissions being handled; past its size, new ones are shed.
     pub submissions: Arc<tokio::sync::Semaphore>,
+    /// Longest wait for a request body.
+    pub body_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -49,9 +57,10 @@ impl AppState {
         AppState {
             service,
             waiters,
-            admin: Arc::new(admin::AdminAccess::loopback_only(true)),
+            auth: Arc::new(auth::Auth::off()),
             ui_dir: None,
             submissions: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_SUBMISSIONS)),
+            body_timeout: std::time::Duration::from_secs(60),
         }
     }
 
@@ -67,9 +76,15 @@ impl AppState {
         self
     }
 
-    /// Sets who may use the admin routes.
-    pub fn with_admin(mut self, access: admin::AdminAccess) -> AppState {
-        self.admin = Arc::new(access);
+    /// Sets how callers are authenticated.
+    pub fn with_auth(mut self, auth: auth::Auth) -> AppState {
+        self.auth = Arc::new(auth);
+        self
+    }
+
+    /// Sets the longest wait for a request body (408 after it).
+    pub fn with_body_timeout(mut self, timeout: std::time::Duration) -> AppState {
+        self.body_timeout = timeout;
         self
     }
 }
@@ -78,23 +93,33 @@ impl AppState {
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     // Install the recorder before the first request counts anything.
     queue_core::telemetry::metrics();
-    Router::new()
-        .merge(routes::tasks::router())
+    let admin_routes = routes::queues::router()
+        .merge(routes::dlq::router())
+        .merge(routes::keys::router())
+        .merge(routes::tenants::router())
+        .merge(routes::audit::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require,
+        ));
+    // Every route here needs a caller (auth runs first: it is the outer
+    // layer); the public ones below do not.
+    let protected = routes::tasks::router()
         .merge(routes::batches::router())
+        .merge(admin_routes)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    Router::new()
+        .merge(protected)
         .merge(routes::health::router())
         .merge(routes::ui::router())
-        .merge(
-            routes::queues::router()
-                .merge(routes::dlq::router())
-                .route_layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    admin::require,
-                )),
-        )
         .route("/metrics", axum::routing::get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), shed))
         .fallback(|| async { error::ApiError::NotFound { what: "route" } })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 

@@ -5,7 +5,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use inferq_api::{AppState, app};
 use queue_core::Service;
-use queue_core::config::{ApiConfig, StoreConfig};
+use std::time::Duration;
+
+use queue_core::config::{ApiConfig, AuthMode, StoreConfig};
 use queue_core::queue::Queue;
 use queue_core::store::Store;
 
@@ -42,18 +44,37 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let queue = Queue::connect(&cli.store).context("configuring Redis")?;
-    let listener = tokio::net::TcpListener::bind(&cli.api.bind)
+    let api = &cli.api;
+    let tls = match (&api.tls_cert, &api.tls_key) {
+        (Some(cert), Some(key)) => Some(inferq_api::serve::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(&api.bind)
         .await
-        .with_context(|| format!("binding {}", cli.api.bind))?;
+        .with_context(|| format!("binding {}", api.bind))?;
     let loopback = listener.local_addr()?.ip().is_loopback();
-    let access = match cli.api.admin_token.clone() {
+    match api.auth {
+        AuthMode::Off if !loopback && !api.allow_insecure => anyhow::bail!(
+            "INFERQ_AUTH=off lets anyone who reaches {} submit, read and cancel everything; \
+             listen on a loopback address, turn auth on, or set INFERQ_ALLOW_INSECURE=1",
+            api.bind
+        ),
+        AuthMode::Required if api.admin_token.is_none() => anyhow::bail!(
+            "INFERQ_AUTH=required needs INFERQ_ADMIN_TOKEN: it is how the first API key is \
+             created (or set INFERQ_AUTH=off on a loopback address)"
+        ),
+        _ => {}
+    }
+    let access = match api.admin_token.clone() {
         Some(token) => inferq_api::admin::AdminAccess::token(token),
         None => inferq_api::admin::AdminAccess::loopback_only(loopback),
     };
+    let auth = inferq_api::auth::Auth::new(api.auth, access, api.default_limits());
     let state = AppState::new(Service::new(store, queue))
-        .with_admin(access)
-        .with_ui_dir(cli.api.ui_dir.clone())
-        .with_max_submissions(cli.api.max_submissions);
+        .with_auth(auth)
+        .with_ui_dir(api.ui_dir.clone())
+        .with_max_submissions(api.max_submissions)
+        .with_body_timeout(Duration::from_secs(api.body_timeout_secs));
 
     let metrics = queue_core::telemetry::metrics();
     tokio::spawn(async move {
@@ -63,9 +84,19 @@ async fn main() -> anyhow::Result<()> {
             metrics.run_upkeep();
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, "inferq-api listening");
-    axum::serve(listener, app(state, cli.api.max_body_bytes))
-        .with_graceful_shutdown(queue_core::shutdown::signal())
-        .await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        auth = ?api.auth,
+        tls = tls.is_some(),
+        "inferq-api listening"
+    );
+    inferq_api::serve::serve(
+        listener,
+        app(state, api.max_body_bytes),
+        tls,
+        Duration::from_secs(api.header_timeout_secs),
+        queue_core::shutdown::signal(),
+    )
+    .await;
     Ok(())
 }

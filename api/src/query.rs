@@ -107,7 +107,7 @@ fn time(field: &str, v: &str) -> Result<DateTime<Utc>> {
 }
 
 /// `key=value` pairs, values percent-decoded.
-fn pairs(query: Option<&str>) -> impl Iterator<Item = (&str, String)> {
+pub fn pairs(query: Option<&str>) -> impl Iterator<Item = (&str, String)> {
     query
         .unwrap_or("")
         .split('&')

@@ -40,6 +40,9 @@ pub struct Entry {
     /// Held while one waiter reads, so waiters arriving together wait for
     /// its answer instead of all reading.
     pub reading: tokio::sync::Mutex<()>,
+    /// Whose task it is, from the first read: a waiter of another tenant
+    /// gets its 404 at once rather than after the wait.
+    pub tenant: std::sync::OnceLock<String>,
 }
 
 /// A registration; dropping it forgets the entry once no one else waits.

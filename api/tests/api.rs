@@ -582,7 +582,7 @@ async fn metrics_count_submissions(pool: PgPool) {
     .unwrap();
     assert!(
         text.lines()
-            .any(|l| l == r#"inferq_tasks_submitted_total{queue="metered"} 3"#),
+            .any(|l| l == r#"inferq_tasks_submitted_total{queue="metered",tenant="default"} 3"#),
         "{text}"
     );
     api.service.queue.purge().await.unwrap();
@@ -872,7 +872,11 @@ async fn admin_routes_need_the_token_or_loopback(pool: PgPool) {
     let service = testkit::service(pool);
     let with = |access: AdminAccess| {
         app(
-            AppState::new(service.clone()).with_admin(access),
+            AppState::new(service.clone()).with_auth(inferq_api::auth::Auth::new(
+                queue_core::config::AuthMode::Off,
+                access,
+                Default::default(),
+            )),
             SMALL_LIMIT,
         )
     };
@@ -1106,7 +1110,11 @@ async fn the_dashboard_logs_in_with_the_admin_token_and_its_cookie_opens_the_adm
     use inferq_api::admin::AdminAccess;
     let service = testkit::service(pool);
     let router = app(
-        AppState::new(service.clone()).with_admin(AdminAccess::token("s3cret".into())),
+        AppState::new(service.clone()).with_auth(inferq_api::auth::Auth::new(
+            queue_core::config::AuthMode::Off,
+            AdminAccess::token("s3cret".into()),
+            Default::default(),
+        )),
         SMALL_LIMIT,
     );
     let call = |req: axum::http::request::Builder, body: &'static str| {

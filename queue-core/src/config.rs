@@ -70,6 +70,69 @@ pub struct ApiConfig {
     /// copies built into the binary (for working on the dashboard).
     #[arg(long, env = "INFERQ_UI_DIR")]
     pub ui_dir: Option<std::path::PathBuf>,
+
+    /// `required`: every request but the health checks, `/metrics` and
+    /// `/openapi.json` needs an API key (or the admin token). `off`: no
+    /// keys; everything belongs to the tenant `default`.
+    #[arg(long, env = "INFERQ_AUTH", value_enum, default_value = "required")]
+    pub auth: AuthMode,
+
+    /// Let `INFERQ_AUTH=off` listen on a non-loopback address.
+    #[arg(long, env = "INFERQ_ALLOW_INSECURE", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_insecure: bool,
+
+    /// Requests per second per key, for tenants without their own limit
+    /// (0: no limit).
+    #[arg(long, env = "INFERQ_DEFAULT_REQUESTS_PER_SECOND", default_value_t = 0)]
+    pub default_requests_per_second: u32,
+
+    /// LLM tokens per minute per tenant, estimated at submission and
+    /// corrected by reported usage, for tenants without their own limit
+    /// (0: no limit).
+    #[arg(long, env = "INFERQ_DEFAULT_TOKENS_PER_MINUTE", default_value_t = 0)]
+    pub default_tokens_per_minute: u64,
+
+    /// Unfinished tasks a tenant may have at once, for tenants without
+    /// their own limit (0: no limit).
+    #[arg(long, env = "INFERQ_DEFAULT_MAX_QUEUED", default_value_t = 0)]
+    pub default_max_queued: u64,
+
+    /// Serve HTTPS with this certificate chain (PEM); needs INFERQ_TLS_KEY.
+    #[arg(long, env = "INFERQ_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM) of INFERQ_TLS_CERT.
+    #[arg(long, env = "INFERQ_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Longest wait for a request's headers, in seconds (also how long an
+    /// idle keep-alive connection is kept): a slow client cannot hold a
+    /// connection forever.
+    #[arg(long, env = "INFERQ_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+
+    /// Longest wait for a request's whole body, in seconds (408 after).
+    #[arg(long, env = "INFERQ_BODY_TIMEOUT_SECS", default_value_t = 60)]
+    pub body_timeout_secs: u64,
+}
+
+/// Whether requests need API keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    Required,
+    Off,
+}
+
+impl ApiConfig {
+    /// The limits of tenants that have none of their own.
+    pub fn default_limits(&self) -> crate::access::Limits {
+        crate::access::Limits {
+            requests_per_second: Some(self.default_requests_per_second),
+            tokens_per_minute: Some(self.default_tokens_per_minute),
+            max_queued: Some(self.default_max_queued),
+        }
+    }
 }
 
 /// The worker pool.

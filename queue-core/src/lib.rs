@@ -11,6 +11,7 @@
 //!   Lua script lives here.
 //! - [`service`]: client operations composed from store and queue in the
 //!   order the invariants demand (commit, then push).
+//! - [`access`]: API keys, scopes, tenant names and limits.
 //! - [`idempotency`]: Idempotency-Key fingerprints (canonical JSON, SHA-256).
 //! - [`retry`]: the retry policy, attempt -> delay, a pure function.
 //! - [`config`]: settings read once from flags and the environment.
@@ -19,6 +20,7 @@
 //! - [`telemetry`], [`shutdown`]: log setup and stop signals shared by the
 //!   binaries.
 
+pub mod access;
 pub mod config;
 pub mod error;
 pub mod idempotency;

@@ -13,6 +13,10 @@ use crate::queue::{Queue, ReadyEntry};
 use crate::store::{CancelOutcome, DeadFilter, ExistingKey, Inserted, Row, Store};
 use crate::task::{AttemptRecord, BatchRecord, NewBatch, NewTask, TaskRecord, TaskStatus};
 
+/// The tenant of everything while authentication is off, and of tasks
+/// submitted with the admin token.
+pub const DEFAULT_TENANT: &str = "default";
+
 /// The core's front door, shared by the API handlers and the tests.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -28,6 +32,7 @@ const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_millis(1);
 const GROUP_MAX: usize = 1_000;
 
 struct Pending {
+    tenant: String,
     task: NewTask,
     reply: oneshot::Sender<Result<Accepted>>,
 }
@@ -68,24 +73,31 @@ impl Service {
     /// pipeline for up to a millisecond's worth of requests. If the shared
     /// statement fails, every request in it fails; none is answered
     /// without its row.
-    pub async fn submit(&self, task: &NewTask) -> Result<Accepted> {
+    pub async fn submit_for(&self, tenant: &str, task: &NewTask) -> Result<Accepted> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
+            tenant: tenant.to_owned(),
             task: task.clone(),
             reply,
         };
         if self.group.send(pending).await.is_err() {
-            return self.submit_alone(task).await;
+            return self.submit_alone(tenant, task).await;
         }
         match answer.await {
             Ok(result) => result,
             // The writer went away with our request: it was not committed.
-            Err(_) => self.submit_alone(task).await,
+            Err(_) => self.submit_alone(tenant, task).await,
         }
     }
 
-    async fn submit_alone(&self, task: &NewTask) -> Result<Accepted> {
-        match self.submit_with_key(task, None).await? {
+    /// [`Service::submit_for`] the `default` tenant (everything belongs to
+    /// it while authentication is off).
+    pub async fn submit(&self, task: &NewTask) -> Result<Accepted> {
+        self.submit_for(DEFAULT_TENANT, task).await
+    }
+
+    async fn submit_alone(&self, tenant: &str, task: &NewTask) -> Result<Accepted> {
+        match self.submit_with_key(tenant, task, None).await? {
             Submission::New(a) => Ok(a),
             Submission::Replay(_) | Submission::KeyReused => {
                 unreachable!("no key, no replay")
@@ -96,11 +108,12 @@ impl Service {
     /// [`Service::submit`] under an optional idempotency key.
     pub async fn submit_with_key(
         &self,
+        tenant: &str,
         task: &NewTask,
         key: Option<&IdempotencyKey>,
     ) -> Result<Submission> {
-        self.insert_and_push(None, std::slice::from_ref(task), key)
-            .await
+        let pending = [(tenant, task)];
+        self.insert_and_push(None, &pending, key).await
     }
 
     /// Commits a batch and all its tasks in one transaction (all or none),
@@ -109,11 +122,7 @@ impl Service {
     pub async fn submit_batch(&self, batch: &NewBatch) -> Result<(Uuid, Accepted)> {
         let batch_id = Uuid::now_v7();
         match self
-            .insert_and_push(
-                Some((batch_id, batch.metadata.as_ref())),
-                &batch.tasks,
-                None,
-            )
+            .submit_batch_with_key(DEFAULT_TENANT, batch_id, batch, None)
             .await?
         {
             Submission::New(a) => Ok((batch_id, a)),
@@ -127,26 +136,31 @@ impl Service {
     /// batch's id is `batch_id`.
     pub async fn submit_batch_with_key(
         &self,
+        tenant: &str,
         batch_id: Uuid,
         batch: &NewBatch,
         key: Option<&IdempotencyKey>,
     ) -> Result<Submission> {
-        self.insert_and_push(Some((batch_id, batch.metadata.as_ref())), &batch.tasks, key)
+        let tasks: Vec<(&str, &NewTask)> = batch.tasks.iter().map(|t| (tenant, t)).collect();
+        self.insert_and_push(Some((batch_id, batch.metadata.as_ref())), &tasks, key)
             .await
     }
 
+    /// `tasks` with their tenants: a group commit mixes tenants; a batch or
+    /// a keyed submission has one.
     async fn insert_and_push(
         &self,
         batch: Option<(Uuid, Option<&serde_json::Value>)>,
-        tasks: &[NewTask],
+        tasks: &[(&str, &NewTask)],
         key: Option<&IdempotencyKey>,
     ) -> Result<Submission> {
         // v7 ids from one process are strictly increasing, which the ready
         // set relies on to keep FIFO order between tasks of the same ms.
         let rows: Vec<Row<'_>> = tasks
             .iter()
-            .map(|task| Row {
+            .map(|&(tenant, task)| Row {
                 id: Uuid::now_v7(),
+                tenant,
                 task,
             })
             .collect();
@@ -181,7 +195,7 @@ impl Service {
     }
 
     /// Commits `tasks` as one group; a failure is every task's failure.
-    async fn commit_group(&self, tasks: &[NewTask]) -> Result<Accepted> {
+    async fn commit_group(&self, tasks: &[(&str, &NewTask)]) -> Result<Accepted> {
         match self.insert_and_push(None, tasks, None).await? {
             Submission::New(a) => Ok(a),
             Submission::Replay(_) | Submission::KeyReused => unreachable!("no key, no replay"),
@@ -196,9 +210,10 @@ impl Service {
         self.store.batch(id).await
     }
 
-    /// Cancels a task that has not started and drops its ready id.
-    pub async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
-        let outcome = self.store.cancel(id).await?;
+    /// Cancels a task that has not finished and drops its ready id. With
+    /// `tenant`, another tenant's task is `NotFound`.
+    pub async fn cancel(&self, id: Uuid, tenant: Option<&str>) -> Result<CancelOutcome> {
+        let outcome = self.store.cancel(id, tenant).await?;
         if let CancelOutcome::Cancelled(task) = &outcome {
             if let Err(e) = self.queue.remove_ready(&task.model, id).await {
                 // Harmless: the claim skips cancelled tasks.
@@ -276,8 +291,11 @@ async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending
             }
         }
         // Moved, not cloned again: the request already gave its own copy.
-        let (tasks, replies): (Vec<NewTask>, Vec<_>) =
-            group.into_iter().map(|p| (p.task, p.reply)).unzip();
+        let (tasks, replies): (Vec<(String, NewTask)>, Vec<_>) = group
+            .into_iter()
+            .map(|p| ((p.tenant, p.task), p.reply))
+            .unzip();
+        let tasks: Vec<(&str, &NewTask)> = tasks.iter().map(|(t, n)| (t.as_str(), n)).collect();
         match service.commit_group(&tasks).await {
             Ok(accepted) => {
                 for (reply, id) in replies.into_iter().zip(accepted.ids) {

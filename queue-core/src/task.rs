@@ -15,6 +15,17 @@ use uuid::Uuid;
 pub const MAX_BATCH_TASKS: usize = 100_000;
 /// Largest `metadata` object, measured as compact JSON.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Largest prompt, or sum of message contents, in bytes (UTF-8).
+pub const MAX_INPUT_BYTES: usize = 1024 * 1024;
+/// Most messages in one conversation.
+pub const MAX_MESSAGES: usize = 1_000;
+/// Largest `params` object, measured as compact JSON.
+pub const MAX_PARAMS_BYTES: usize = 16 * 1024;
+/// Deepest nesting of objects and arrays inside `params` and `metadata`.
+pub const MAX_DEPTH: usize = 16;
+/// Completion tokens assumed for a task that sets no `max_tokens`, when
+/// its tokens are estimated for a tenant's token limit.
+pub const ASSUMED_COMPLETION_TOKENS: u64 = 256;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
 pub const MAX_MAX_ATTEMPTS: i32 = 20;
 /// Model names become part of Redis keys inside a `{hash tag}`, so braces and
@@ -210,6 +221,7 @@ fn metadata(obj: &Map<String, Value>, prefix: &str) -> Result<Option<Value>> {
     match obj.get("metadata") {
         None | Some(Value::Null) => Ok(None),
         Some(v @ Value::Object(_)) => {
+            check_depth(v, &field)?;
             let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
             if size > MAX_METADATA_BYTES {
                 return Err(ValidationError::new(
@@ -223,6 +235,41 @@ fn metadata(obj: &Map<String, Value>, prefix: &str) -> Result<Option<Value>> {
     }
 }
 
+/// Refuses values nested deeper than [`MAX_DEPTH`] (a deep value costs
+/// stack in every parser that reads it back).
+fn check_depth(value: &Value, field: &str) -> Result<()> {
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    if depth(value) > MAX_DEPTH {
+        return Err(ValidationError::new(
+            field,
+            format!("nests objects and arrays more than {MAX_DEPTH} deep"),
+        ));
+    }
+    Ok(())
+}
+
+/// Tokens a task may use, estimated before it runs: about four bytes of
+/// English per token for the input, plus its `max_tokens` (or
+/// [`ASSUMED_COMPLETION_TOKENS`]). The worker corrects the estimate by the
+/// usage the backend reports.
+pub fn token_estimate(input: &Input, params: &Map<String, Value>) -> u64 {
+    let bytes = match input {
+        Input::Prompt(p) => p.len(),
+        Input::Messages(m) => m.iter().map(|m| m.content.len()).sum(),
+    };
+    let completion = params
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(ASSUMED_COMPLETION_TOKENS);
+    (bytes as u64).div_ceil(4) + completion
+}
+
 fn valid_model(model: &str) -> bool {
     !model.is_empty()
         && model.len() <= MAX_MODEL_LEN
@@ -232,6 +279,11 @@ fn valid_model(model: &str) -> bool {
 }
 
 impl NewTask {
+    /// See [`token_estimate`].
+    pub fn token_estimate(&self) -> u64 {
+        token_estimate(&self.input, &self.params)
+    }
+
     /// Checks one task object. `prefix` is its path in the body ("" for
     /// `POST /tasks`, `tasks[3]` inside a batch).
     pub fn from_json(value: &Value, prefix: &str) -> Result<NewTask> {
@@ -287,6 +339,15 @@ impl NewTask {
                     "give exactly one of prompt or messages",
                 ));
             }
+            (Some(Value::String(p)), None) if p.len() > MAX_INPUT_BYTES => {
+                return Err(ValidationError::new(
+                    join(prefix, "prompt"),
+                    format!(
+                        "is {} bytes; at most {MAX_INPUT_BYTES} are allowed",
+                        p.len()
+                    ),
+                ));
+            }
             (Some(Value::String(p)), None) => Input::Prompt(p.clone()),
             (Some(_), None) => {
                 return Err(ValidationError::new(
@@ -299,8 +360,17 @@ impl NewTask {
 
         let params = match obj.get("params") {
             None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(p)) => {
-                check_params(p, &join(prefix, "params"))?;
+            Some(v @ Value::Object(p)) => {
+                let field = join(prefix, "params");
+                check_depth(v, &field)?;
+                let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+                if size > MAX_PARAMS_BYTES {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("is {size} bytes; at most {MAX_PARAMS_BYTES} are allowed"),
+                    ));
+                }
+                check_params(p, &field)?;
                 p.clone()
             }
             Some(_) => {
@@ -369,6 +439,26 @@ fn parse_messages(value: &Value, path: &str) -> Result<Vec<Message>> {
         .ok_or_else(|| ValidationError::new(path, "must be an array of {role, content}"))?;
     if items.is_empty() {
         return Err(ValidationError::new(path, "must hold at least one message"));
+    }
+    if items.len() > MAX_MESSAGES {
+        return Err(ValidationError::new(
+            path,
+            format!(
+                "holds {} messages; at most {MAX_MESSAGES} are allowed",
+                items.len()
+            ),
+        ));
+    }
+    let total: usize = items
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .map(str::len)
+        .sum();
+    if total > MAX_INPUT_BYTES {
+        return Err(ValidationError::new(
+            path,
+            format!("contents are {total} bytes together; at most {MAX_INPUT_BYTES} are allowed"),
+        ));
     }
     items
         .iter()
@@ -545,6 +635,7 @@ impl NewBatch {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TaskRecord {
     pub id: Uuid,
+    pub tenant: String,
     pub batch_id: Option<Uuid>,
     pub model: String,
     pub priority: i16,
@@ -590,6 +681,7 @@ pub struct AttemptRecord {
 #[derive(Debug, Clone)]
 pub struct BatchRecord {
     pub id: Uuid,
+    pub tenant: String,
     pub total: i32,
     pub metadata: Option<Value>,
     pub created_at: DateTime<Utc>,

@@ -159,7 +159,7 @@ async fn random_histories_keep_the_invariants(pool: PgPool) {
                     }
                 }
                 Op::Cancel => {
-                    let out = svc.store.cancel(id).await.unwrap();
+                    let out = svc.store.cancel(id, None).await.unwrap();
                     let open = !before.status.is_terminal();
                     assert_eq!(
                         matches!(out, CancelOutcome::Cancelled(_)),

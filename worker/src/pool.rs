@@ -69,6 +69,9 @@ struct Inner {
     /// batches; taken (once) by `run`.
     completions: crate::completer::Sender,
     completions_rx: Mutex<Option<tokio::sync::mpsc::Receiver<crate::completer::Done>>>,
+    /// Per tenant: tokens the backends reported minus what was estimated
+    /// at submission, not yet given to the tenants' token limits.
+    usage: Mutex<HashMap<String, i64>>,
 }
 
 /// A worker process's pool. Cheap to clone.
@@ -104,6 +107,7 @@ impl Worker {
                 in_flight: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
                 wake: Arc::new(tokio::sync::watch::Sender::new(0)),
+                usage: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -472,6 +476,7 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
+        correct_token_estimates(&inner).await;
         let held: Vec<(Uuid, i32)> = inner
             .in_flight
             .lock()
@@ -514,6 +519,21 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
                 f.stop.cancel();
             }
         }
+    }
+}
+
+/// Gives the tenants' token limits the difference between what their tasks
+/// used and what was estimated for them, twice a second at most rather
+/// than a Redis call per task.
+async fn correct_token_estimates(inner: &Inner) {
+    let deltas: Vec<(String, i64)> = {
+        let mut usage = inner.usage.lock().expect("lock");
+        usage.drain().filter(|(_, d)| *d != 0).collect()
+    };
+    let deltas: Vec<(&str, i64)> = deltas.iter().map(|(t, d)| (t.as_str(), *d)).collect();
+    if let Err(e) = inner.queue.adjust("tpm", &deltas).await {
+        // A limit then errs by the estimate's error for a minute.
+        tracing::debug!(error = %e, "token estimates not corrected");
     }
 }
 
@@ -651,6 +671,16 @@ async fn attempt(
         }
         Ok(called) => match called.result {
             Ok(answer) => {
+                if let Some(usage) = &answer.usage {
+                    let estimate = queue_core::task::token_estimate(&task.input.0, &task.params.0);
+                    let delta = usage.total_tokens as i64 - estimate as i64;
+                    *inner
+                        .usage
+                        .lock()
+                        .expect("lock")
+                        .entry(task.tenant.clone())
+                        .or_default() += delta;
+                }
                 let result = serde_json::to_value(&answer).unwrap_or_default();
                 if let Some(fp) = &fingerprint
                     && let Err(e) = inner.store.cache_result(fp, &result).await

@@ -262,7 +262,7 @@ async fn a_cancelled_queued_task_never_runs(pool: PgPool) {
     let cancelled = submit(&svc, json!({"model": "sim", "prompt": "never"})).await;
     let after = submit(&svc, json!({"model": "sim", "prompt": "after"})).await;
     assert!(matches!(
-        svc.cancel(cancelled).await.unwrap(),
+        svc.cancel(cancelled, None).await.unwrap(),
         queue_core::store::CancelOutcome::Cancelled(_)
     ));
     // Even if its id were still in Redis, the claim must skip it.
@@ -396,7 +396,7 @@ async fn cancelling_a_running_task_stops_it_within_a_second(pool: PgPool) {
     wait_running(&svc, id).await;
     let cancelled_at = Utc::now();
     assert!(matches!(
-        svc.cancel(id).await.unwrap(),
+        svc.cancel(id, None).await.unwrap(),
         queue_core::store::CancelOutcome::Cancelled(_)
     ));
     let (n, _) = wait_terminal(&svc, next).await;

@@ -5,12 +5,14 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use queue_core::access::Scope;
 use queue_core::service::Submission;
 use queue_core::task::{BatchBodyError, BatchRecord, NewBatch, TaskStatus};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::auth::{self, Caller};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBytes};
 use crate::query;
@@ -27,9 +29,11 @@ pub fn router() -> Router<AppState> {
 /// same body, `200` with the batch that key made.
 async fn submit(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     JsonBytes(body): JsonBytes,
 ) -> Result<(StatusCode, Json<Value>)> {
+    caller.need(Scope::Submit)?;
     // The fingerprint needs the whole tree; only a keyed submission pays
     // for it.
     let key = if headers.contains_key(crate::routes::tasks::IDEMPOTENCY_KEY) {
@@ -45,16 +49,22 @@ async fn submit(
     })?;
     // Not held beside the tasks while they are written.
     drop(body);
+    let tokens = batch.tasks.iter().map(|t| t.token_estimate()).sum();
+    auth::admit(&state, &caller, tokens, batch.tasks.len() as u64).await?;
     let id = Uuid::now_v7();
     let (status, id, ids, created_at) = match state
         .service
-        .submit_batch_with_key(id, &batch, key.as_ref())
+        .submit_batch_with_key(&caller.tenant, id, &batch, key.as_ref())
         .await?
     {
         Submission::New(accepted) => {
+            let mut per_queue: std::collections::BTreeMap<&str, u64> = Default::default();
             for t in &batch.tasks {
-                metrics::counter!("inferq_tasks_submitted_total", "queue" => t.model.clone())
-                    .increment(1);
+                *per_queue.entry(&t.model).or_default() += 1;
+            }
+            for (queue, n) in per_queue {
+                metrics::counter!("inferq_tasks_submitted_total", "queue" => queue.to_owned(), "tenant" => caller.tenant.clone())
+                    .increment(n);
             }
             (StatusCode::ACCEPTED, id, accepted.ids, accepted.created_at)
         }
@@ -64,6 +74,7 @@ async fn submit(
                 .service
                 .batch(id)
                 .await?
+                .filter(|b| caller.sees(&b.tenant))
                 .ok_or(ApiError::NotFound { what: "batch" })?;
             let ids = state.service.store.batch_task_ids(id).await?;
             (StatusCode::OK, id, ids, batch.created_at)
@@ -87,9 +98,11 @@ async fn submit(
 /// wakes the waiter, which recounts at most every [`RECOUNT_EVERY`].
 async fn show(
     State(state): State<AppState>,
+    caller: Caller,
     IdPath(id): IdPath,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>> {
+    caller.need(Scope::Read)?;
     let wait = wait_param(query.as_deref())?;
     let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let watch = wait.map(|_| state.waiters.watch(id));
@@ -99,10 +112,12 @@ async fn show(
         if let Some(w) = woken.as_mut().as_pin_mut() {
             w.enable();
         }
+        // Another tenant's batch is answered exactly as an unknown one.
         let batch = state
             .service
             .batch(id)
             .await?
+            .filter(|b| caller.sees(&b.tenant))
             .ok_or(ApiError::NotFound { what: "batch" })?;
         let (Some(deadline), Some(woken)) = (deadline, woken.as_pin_mut()) else {
             return Ok(Json(batch_view(&batch)));
@@ -119,9 +134,18 @@ async fn show(
 }
 
 /// `GET /batches?limit=&cursor=`: newest first, each with its counts.
-async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>> {
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>> {
+    caller.need(Scope::Read)?;
     let l = query::listing(query.as_deref(), &["limit", "cursor"])?;
-    let batches = state.service.store.list_batches(l.cursor, l.limit).await?;
+    let batches = state
+        .service
+        .store
+        .list_batches(caller.tenant_filter(), l.cursor, l.limit)
+        .await?;
     Ok(Json(json!({
         "batches": batches.iter().map(batch_view).collect::<Vec<_>>(),
         "next_cursor": query::next_cursor(batches.len(), batches.last().map(|b| b.id), l.limit),
@@ -137,6 +161,7 @@ fn batch_view(batch: &BatchRecord) -> Value {
         .collect();
     json!({
         "id": batch.id,
+        "tenant": batch.tenant,
         "total": batch.total,
         "counts": counts,
         "status": if batch.is_complete() { "completed" } else { "in_progress" },

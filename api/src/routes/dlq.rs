@@ -9,6 +9,7 @@ use queue_core::task::ValidationError;
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, Result};
 use crate::extract::JsonBody;
 use crate::query;
@@ -112,14 +113,34 @@ async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Js
 
 /// Every matching failed task runs again with fresh attempts; its earlier
 /// attempts stay in its history under the previous run number.
-async fn redrive(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Value>> {
-    let redriven = state.service.redrive(&filter_of(&body)?).await?;
+async fn redrive(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>> {
+    let filter = filter_of(&body)?;
+    // Written first: nothing is done that the audit log does not show.
+    state
+        .service
+        .store
+        .audit(&caller.actor, "dlq.redrive", None, Some(&body))
+        .await?;
+    let redriven = state.service.redrive(&filter).await?;
     Ok(Json(json!({ "redriven": redriven })))
 }
 
 /// Deletes every matching failed task with its history, in chunks.
-async fn purge(State(state): State<AppState>, JsonBody(body): JsonBody) -> Result<Json<Value>> {
+async fn purge(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>> {
     let filter = filter_of(&body)?;
+    state
+        .service
+        .store
+        .audit(&caller.actor, "dlq.purge", None, Some(&body))
+        .await?;
     let mut purged = 0;
     loop {
         let n = state.service.store.purge_dead(&filter, PURGE_CHUNK).await?;

@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::Result;
 
 pub fn router() -> Router<AppState> {
@@ -53,12 +54,31 @@ async fn list(State(state): State<AppState>) -> Result<Json<Value>> {
 
 /// Workers stop taking the queue's tasks within about a quarter second;
 /// submissions are still accepted and running tasks finish.
-async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>> {
+    // Written first: nothing is done that the audit log does not show.
+    state
+        .service
+        .store
+        .audit(&caller.actor, "queue.pause", Some(&name), None)
+        .await?;
     state.service.queue.pause(&name).await?;
     Ok(Json(json!({"name": name, "paused": true})))
 }
 
-async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>> {
+async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>> {
+    state
+        .service
+        .store
+        .audit(&caller.actor, "queue.resume", Some(&name), None)
+        .await?;
     state.service.queue.resume(&name).await?;
     Ok(Json(json!({"name": name, "paused": false})))
 }

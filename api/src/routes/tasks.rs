@@ -6,6 +6,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use queue_core::access::Scope;
 use queue_core::idempotency::{IdempotencyKey, MAX_KEY_LEN};
 use queue_core::service::Submission;
 use queue_core::store::CancelOutcome;
@@ -16,6 +17,7 @@ pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::auth::{self, Caller};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
 use crate::query;
@@ -31,21 +33,29 @@ pub fn router() -> Router<AppState> {
 /// same body, `200` with the task that key made.
 async fn submit(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Value>)> {
+    caller.need(Scope::Submit)?;
     let key = idempotency_key(&headers, "tasks", &body)?;
     let task = NewTask::from_json(&body, "")?;
+    auth::admit(&state, &caller, task.token_estimate(), 1).await?;
     // Without a key, the request joins the group commit; with one, it
     // needs a transaction of its own (the key is checked inside it).
     let submission = match &key {
-        Some(k) => state.service.submit_with_key(&task, Some(k)).await?,
-        None => Submission::New(state.service.submit(&task).await?),
+        Some(k) => {
+            state
+                .service
+                .submit_with_key(&caller.tenant, &task, Some(k))
+                .await?
+        }
+        None => Submission::New(state.service.submit_for(&caller.tenant, &task).await?),
     };
     match submission {
         Submission::New(accepted) => {
             let id = accepted.ids[0];
-            metrics::counter!("inferq_tasks_submitted_total", "queue" => task.model.clone())
+            metrics::counter!("inferq_tasks_submitted_total", "queue" => task.model.clone(), "tenant" => caller.tenant.clone())
                 .increment(1);
             Ok((
                 StatusCode::ACCEPTED,
@@ -108,12 +118,30 @@ pub fn idempotency_key(
 /// with its state when the wait ends.
 async fn show(
     State(state): State<AppState>,
+    caller: Caller,
     IdPath(id): IdPath,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>> {
-    let wait = wait_param(query.as_deref())?;
+    caller.need(Scope::Read)?;
+    let view = waited_view(&state, &caller, id, query.as_deref()).await?;
+    // Another tenant's task is answered exactly as an unknown one.
+    if view["tenant"].as_str().is_some_and(|t| caller.sees(t)) {
+        Ok(view)
+    } else {
+        Err(ApiError::NotFound { what: "task" })
+    }
+}
+
+/// The task's view, after waiting for it to finish if `?wait=` asks to.
+async fn waited_view(
+    state: &AppState,
+    caller: &Caller,
+    id: uuid::Uuid,
+    query: Option<&str>,
+) -> Result<Json<Value>> {
+    let wait = wait_param(query)?;
     let Some(wait) = wait else {
-        return Ok(Json(read_view(&state, id).await?));
+        return Ok(Json(read_view(state, id).await?));
     };
     let watch = state.waiters.watch(id);
     let woken = watch.entry.notify.notified();
@@ -130,7 +158,10 @@ async fn show(
             return Ok(Json(view.clone()));
         }
         if !watch.entry.known_unfinished.load(Ordering::SeqCst) {
-            let view = read_view_patiently(&state, id).await?;
+            let view = read_view_patiently(state, id).await?;
+            if let Some(tenant) = view["tenant"].as_str() {
+                let _ = watch.entry.tenant.set(tenant.to_owned());
+            }
             if is_terminal(&view) {
                 let _ = watch.entry.finished.set(view.clone());
                 return Ok(Json(view));
@@ -138,15 +169,18 @@ async fn show(
             watch.entry.known_unfinished.store(true, Ordering::SeqCst);
         }
     }
+    if watch.entry.tenant.get().is_some_and(|t| !caller.sees(t)) {
+        return Err(ApiError::NotFound { what: "task" });
+    }
     if tokio::time::timeout(wait, woken).await.is_err() {
-        return Ok(Json(read_view_patiently(&state, id).await?));
+        return Ok(Json(read_view_patiently(state, id).await?));
     }
     // Woken: the first waiter reads, the others of this task share it.
     let view = watch
         .entry
         .finished
         .get_or_try_init(|| async {
-            let view = read_view_patiently(&state, id)
+            let view = read_view_patiently(state, id)
                 .await
                 .map_err(Reread::Failed)?;
             if is_terminal(&view) {
@@ -202,8 +236,13 @@ async fn read_view(state: &AppState, id: uuid::Uuid) -> Result<Value> {
     Ok(task_view(&task, Some(&history)))
 }
 
-async fn cancel(State(state): State<AppState>, IdPath(id): IdPath) -> Result<Json<Value>> {
-    match state.service.cancel(id).await? {
+async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>> {
+    caller.need(Scope::Cancel)?;
+    match state.service.cancel(id, caller.tenant_filter()).await? {
         CancelOutcome::Cancelled(task) => {
             metrics::counter!("inferq_tasks_cancelled_total", "queue" => task.model.clone())
                 .increment(1);
@@ -230,8 +269,14 @@ const LIST_PARAMS: &[&str] = &[
 
 /// `GET /tasks?status=&model=&batch_id=&priority=&error_contains=&finished_after=&finished_before=&limit=&cursor=`:
 /// newest first; `next_cursor` fetches the following page.
-async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>> {
-    let l = query::listing(query.as_deref(), LIST_PARAMS)?;
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>> {
+    caller.need(Scope::Read)?;
+    let mut l = query::listing(query.as_deref(), LIST_PARAMS)?;
+    l.filter.tenant = caller.tenant_filter().map(str::to_owned);
     let tasks = state
         .service
         .store
@@ -252,6 +297,7 @@ pub fn page(tasks: &[TaskRecord], limit: i64) -> Value {
 pub fn task_view(task: &TaskRecord, history: Option<&[AttemptRecord]>) -> Value {
     let mut view = json!({
         "id": task.id,
+        "tenant": task.tenant,
         "batch_id": task.batch_id,
         "model": task.model,
         "priority": task.priority(),

@@ -55,9 +55,9 @@ pub fn router() -> Router<AppState> {
 /// The page itself needs admin access; without it, the login form (or,
 /// when admin routes are off altogether, the error saying so).
 async fn index(state: State<AppState>, headers: HeaderMap) -> Response {
-    match state.admin.check(&headers) {
+    match state.auth.admin().check(&headers) {
         Ok(()) => file(state, "index.html").await,
-        Err(ApiError::Unauthorized) => Redirect::to("/ui/login").into_response(),
+        Err(ApiError::Unauthorized { .. }) => Redirect::to("/ui/login").into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -73,7 +73,7 @@ struct Login {
 
 /// Sets the login cookie when the token is right.
 async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Response {
-    match state.admin.login_cookie(&form.token) {
+    match state.auth.admin().login_cookie(&form.token) {
         Some(cookie) => ([(header::SET_COOKIE, cookie)], Redirect::to("/ui")).into_response(),
         None => Redirect::to("/ui/login?error=1").into_response(),
     }

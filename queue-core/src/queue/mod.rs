@@ -16,6 +16,7 @@
 //! queue" walks.
 
 pub mod events;
+pub mod limits;
 pub mod stats;
 
 use std::sync::LazyLock;

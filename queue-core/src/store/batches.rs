@@ -8,6 +8,9 @@ use super::Store;
 use crate::error::Result;
 use crate::task::{BatchRecord, TaskStatus};
 
+/// A batch's own row: id, total, metadata, created_at, tenant.
+type Head = (Uuid, i32, Option<Value>, DateTime<Utc>, String);
+
 /// Tasks of a batch in one status: how many, the last finish, the first
 /// start.
 type Counted = (
@@ -22,12 +25,13 @@ impl Store {
     /// `(batch_id, status)` index, so it costs a scan of that batch's index
     /// entries only.
     pub async fn batch(&self, id: Uuid) -> Result<Option<BatchRecord>> {
-        let head: Option<(Uuid, i32, Option<Value>, DateTime<Utc>)> =
-            sqlx::query_as("SELECT id, total, metadata, created_at FROM batches WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some((id, total, metadata, created_at)) = head else {
+        let head: Option<Head> = sqlx::query_as(
+            "SELECT id, total, metadata, created_at, tenant FROM batches WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((id, total, metadata, created_at, tenant)) = head else {
             return Ok(None);
         };
         let rows: Vec<Counted> = sqlx::query_as(
@@ -40,6 +44,7 @@ impl Store {
         let last_finish = rows.iter().filter_map(|r| r.2).max();
         let mut batch = BatchRecord {
             id,
+            tenant,
             total,
             metadata,
             created_at,
@@ -56,13 +61,21 @@ impl Store {
     /// Batches newest first, after the cursor, each with its counts: one
     /// query for the page and one grouped count over its tasks (by the
     /// `tasks_batch` index).
-    pub async fn list_batches(&self, before: Option<Uuid>, limit: i64) -> Result<Vec<BatchRecord>> {
-        let heads: Vec<(Uuid, i32, Option<Value>, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT id, total, metadata, created_at FROM batches
-              WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+    /// With `tenant`, only that tenant's batches.
+    pub async fn list_batches(
+        &self,
+        tenant: Option<&str>,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<BatchRecord>> {
+        let heads: Vec<Head> = sqlx::query_as(
+            "SELECT id, total, metadata, created_at, tenant FROM batches
+              WHERE ($1::uuid IS NULL OR id < $1) AND ($3::text IS NULL OR tenant = $3)
+              ORDER BY id DESC LIMIT $2",
         )
         .bind(before)
         .bind(limit)
+        .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
         let ids: Vec<Uuid> = heads.iter().map(|h| h.0).collect();
@@ -82,10 +95,11 @@ impl Store {
         .await?;
         Ok(heads
             .into_iter()
-            .map(|(id, total, metadata, created_at)| {
+            .map(|(id, total, metadata, created_at, tenant)| {
                 let mine = rows.iter().filter(|r| r.0 == id);
                 let mut batch = BatchRecord {
                     id,
+                    tenant,
                     total,
                     metadata,
                     created_at,

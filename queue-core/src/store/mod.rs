@@ -1,7 +1,10 @@
 //! PostgreSQL: the source of truth. Every SQL statement of the project lives
 //! in this module, each in a small function that says what it changes.
 
+mod audit;
 mod batches;
+mod keys;
+mod limits;
 mod sweep;
 mod tasks;
 
@@ -10,6 +13,8 @@ use std::time::Duration;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
+pub use audit::AuditEntry;
+pub use keys::{KeyGrant, KeyRecord};
 pub use sweep::{Leader, Reaped, Waiting};
 pub use tasks::{
     CancelOutcome, ClaimedTask, DeadFilter, ExistingKey, Finish, Redriven, TaskFilter,

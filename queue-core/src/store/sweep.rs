@@ -141,8 +141,8 @@ impl Store {
     /// Deletes idempotency keys older than `max_age_secs`, at most `limit`.
     pub async fn expire_idempotency_keys(&self, max_age_secs: i64, limit: i64) -> Result<u64> {
         let done = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE key IN (
-                SELECT key FROM idempotency_keys
+            "DELETE FROM idempotency_keys WHERE (tenant, key) IN (
+                SELECT tenant, key FROM idempotency_keys
                  WHERE created_at < now() - make_interval(secs => $1)
                  LIMIT $2)",
         )

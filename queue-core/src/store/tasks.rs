@@ -27,13 +27,15 @@ const DEAD_MATCH: &str = "status = 'failed'
                    AND ($5::timestamptz IS NULL OR finished_at >= $5)
                    AND ($6::timestamptz IS NULL OR finished_at < $6)";
 
-const TASK_COLUMNS: &str = "id, batch_id, model, priority, status, input, params, metadata, \
+const TASK_COLUMNS: &str = "id, tenant, batch_id, model, priority, status, input, params, metadata, \
      attempts, max_attempts, run, result, error, run_at, cache, progress, created_at, started_at, finished_at";
 
 /// A task a worker now holds, with what it needs to run it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ClaimedTask {
     pub id: Uuid,
+    /// Whose task it is: its token usage is charged to this tenant.
+    pub tenant: String,
     pub batch_id: Option<Uuid>,
     pub model: String,
     pub priority: i16,
@@ -120,6 +122,8 @@ pub struct Redriven {
 /// Which tasks a listing returns; `None` matches all.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
+    /// Only this tenant's tasks (`None`: every tenant's, for operators).
+    pub tenant: Option<String>,
     pub status: Option<TaskStatus>,
     pub model: Option<String>,
     pub batch_id: Option<Uuid>,
@@ -151,6 +155,7 @@ pub struct ExistingKey {
 /// API can answer with them and push them to Redis after the commit.
 pub(crate) struct Row<'a> {
     pub id: Uuid,
+    pub tenant: &'a str,
     pub task: &'a NewTask,
 }
 
@@ -173,6 +178,9 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
         let batch_id = batch.map(|(id, _)| id);
+        // Every row of one call belongs to one tenant, except in a group
+        // commit (no key, no batch), where each row says its own.
+        let tenant = rows.first().map_or("default", |r| r.tenant);
         if let Some(key) = key {
             let task_id = if batch_id.is_none() {
                 rows.first().map(|r| r.id)
@@ -180,21 +188,24 @@ impl Store {
                 None
             };
             let fresh: Option<String> = sqlx::query_scalar(
-                "INSERT INTO idempotency_keys (key, body_sha256, task_id, batch_id)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING RETURNING key",
+                "INSERT INTO idempotency_keys (tenant, key, body_sha256, task_id, batch_id)
+                 VALUES ($5, $1, $2, $3, $4) ON CONFLICT (tenant, key) DO NOTHING RETURNING key",
             )
             .bind(&key.key)
             .bind(key.fingerprint.as_slice())
             .bind(task_id)
             .bind(batch_id)
+            .bind(tenant)
             .fetch_optional(&mut *tx)
             .await?;
             if fresh.is_none() {
                 let (sha, task_id, batch_id): (Vec<u8>, Option<Uuid>, Option<Uuid>) =
                     sqlx::query_as(
-                        "SELECT body_sha256, task_id, batch_id FROM idempotency_keys WHERE key = $1",
+                        "SELECT body_sha256, task_id, batch_id FROM idempotency_keys
+                          WHERE tenant = $2 AND key = $1",
                     )
                     .bind(&key.key)
+                    .bind(tenant)
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.rollback().await?;
@@ -207,12 +218,13 @@ impl Store {
         }
         if let Some((id, metadata)) = batch {
             sqlx::query(
-                "INSERT INTO batches (id, total, metadata, created_at) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO batches (id, total, metadata, created_at, tenant) VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(id)
             .bind(rows.len() as i32)
             .bind(metadata)
             .bind(created_at)
+            .bind(tenant)
             .execute(&mut *tx)
             .await?;
         }
@@ -225,8 +237,10 @@ impl Store {
             let mut metadata = Vec::with_capacity(chunk.len());
             let mut max_attempts = Vec::with_capacity(chunk.len());
             let mut caches = Vec::with_capacity(chunk.len());
+            let mut tenants = Vec::with_capacity(chunk.len());
             for row in chunk {
                 ids.push(row.id);
+                tenants.push(row.tenant);
                 models.push(row.task.model.as_str());
                 priorities.push(row.task.priority.band());
                 inputs.push(Json(&row.task.input));
@@ -236,10 +250,10 @@ impl Store {
                 caches.push(row.task.cache);
             }
             sqlx::query(
-                "INSERT INTO tasks (id, batch_id, model, priority, status, input, params, metadata, max_attempts, cache, created_at)
-                 SELECT u.id, $2, u.model, u.priority, 'queued', u.input, u.params, u.metadata, u.max_attempts, u.cache, $9
-                 FROM UNNEST($1::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int4[], $10::bool[])
-                   AS u(id, model, priority, input, params, metadata, max_attempts, cache)",
+                "INSERT INTO tasks (id, tenant, batch_id, model, priority, status, input, params, metadata, max_attempts, cache, created_at)
+                 SELECT u.id, u.tenant, $2, u.model, u.priority, 'queued', u.input, u.params, u.metadata, u.max_attempts, u.cache, $9
+                 FROM UNNEST($1::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int4[], $10::bool[], $11::text[])
+                   AS u(id, model, priority, input, params, metadata, max_attempts, cache, tenant)",
             )
             .bind(&ids)
             .bind(batch_id)
@@ -251,6 +265,7 @@ impl Store {
             .bind(&max_attempts)
             .bind(created_at)
             .bind(&caches)
+            .bind(&tenants)
             .execute(&mut *tx)
             .await?;
         }
@@ -287,7 +302,7 @@ impl Store {
                  WHERE id = ANY($1)
                    AND (status = 'queued'
                         OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
-             RETURNING id, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at, run
+             RETURNING id, tenant, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at, run
              ), opened AS (
                 INSERT INTO task_attempts (task_id, attempt, run) SELECT id, attempts, run FROM claimed
              )
@@ -600,11 +615,13 @@ impl Store {
     /// Cancels a task that has not finished. A running attempt is closed as
     /// `cancelled` here; its worker notices (see [`Store::cancelled_among`]),
     /// stops the backend call, and its late result is refused by the fence.
-    pub async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
+    /// With `tenant`, only that tenant's task (another's is `NotFound`).
+    pub async fn cancel(&self, id: Uuid, tenant: Option<&str>) -> Result<CancelOutcome> {
         let sql = format!(
             "WITH t AS (
                 UPDATE tasks SET status = 'cancelled', finished_at = now(), run_at = NULL, lease_until = NULL
                  WHERE id = $1 AND status IN ('queued', 'scheduled', 'running')
+                   AND ($2::text IS NULL OR tenant = $2)
              RETURNING {TASK_COLUMNS}
              ), h AS (
                 UPDATE task_attempts a SET finished_at = now(), outcome = 'cancelled'
@@ -614,6 +631,7 @@ impl Store {
         );
         let cancelled = sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
             .bind(id)
+            .bind(tenant)
             .fetch_optional(&self.pool)
             .await?;
         if let Some(task) = cancelled {
@@ -621,6 +639,7 @@ impl Store {
         }
         Ok(match self.task(id).await? {
             None => CancelOutcome::NotFound,
+            Some(t) if tenant.is_some_and(|mine| mine != t.tenant) => CancelOutcome::NotFound,
             Some(t) => CancelOutcome::Conflict(t.status),
         })
     }
@@ -659,6 +678,7 @@ impl Store {
                 AND ($7::text IS NULL OR strpos(error, $7) > 0)
                 AND ($8::timestamptz IS NULL OR finished_at >= $8)
                 AND ($9::timestamptz IS NULL OR finished_at < $9)
+                AND ($10::text IS NULL OR tenant = $10)
               ORDER BY id DESC LIMIT $6"
         );
         Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
@@ -671,6 +691,7 @@ impl Store {
             .bind(filter.error_contains.as_deref())
             .bind(filter.finished_after)
             .bind(filter.finished_before)
+            .bind(filter.tenant.as_deref())
             .fetch_all(&self.pool)
             .await?)
     }
@@ -729,6 +750,22 @@ impl Store {
             "SELECT model, count(*) FROM tasks WHERE status = 'running' GROUP BY model",
         )
         .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// How many of a tenant's tasks are unfinished, counting at most
+    /// `up_to` (the cap it is checked against, plus one): the partial index
+    /// `tasks_tenant_unfinished` holds only unfinished tasks.
+    pub async fn unfinished_count(&self, tenant: &str, up_to: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                SELECT 1 FROM tasks
+                 WHERE tenant = $1 AND status IN ('scheduled', 'queued', 'running')
+                 LIMIT $2) AS t",
+        )
+        .bind(tenant)
+        .bind(up_to)
+        .fetch_one(&self.pool)
         .await?)
     }
 
