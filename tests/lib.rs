@@ -106,6 +106,11 @@ impl Env {
 
     /// Starts `inferq-api` on a free port and waits until it answers.
     pub async fn api(&self, extra: &[(&str, String)]) -> Api {
+        self.api_logged("api.log", extra).await
+    }
+
+    /// [`Env::api`], logging to `log` (for a second API process).
+    pub async fn api_logged(&self, log: &str, extra: &[(&str, String)]) -> Api {
         let port = free_port();
         // Tests not about auth run without it; the auth tests turn it on.
         let mut vars = vec![
@@ -114,7 +119,7 @@ impl Env {
         ];
         vars.extend(extra.iter().cloned());
         let child = self
-            .command("inferq-api", "api.log", &vars)
+            .command("inferq-api", log, &vars)
             .spawn()
             .expect("spawn api");
         let api = Api {
@@ -122,12 +127,24 @@ impl Env {
             http: reqwest::Client::new(),
             child,
         };
+        let tls = vars.iter().any(|(k, _)| *k == "INFERQ_TLS_CERT");
         let start = Instant::now();
-        while api.http.get(api.url("/healthz")).send().await.is_err() {
+        loop {
+            // Over TLS this client cannot talk to it: listening is enough.
+            let up = if tls {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            } else {
+                api.http.get(api.url("/healthz")).send().await.is_ok()
+            };
+            if up {
+                break;
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "api did not start: {}",
-                self.log("api.log")
+                self.log(log)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

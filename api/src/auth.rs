@@ -54,8 +54,9 @@ pub struct Caller {
     pub actor: String,
     /// The key's public id, when a key was used.
     pub key_id: Option<String>,
-    /// Its tenant's limits (configured defaults filled in).
-    pub limits: Limits,
+    /// Its tenant's limits (configured defaults filled in), when they came
+    /// with its key; otherwise read when a submission needs them.
+    pub limits: Option<Limits>,
 }
 
 impl Caller {
@@ -167,7 +168,7 @@ impl Auth {
                     "loopback".to_owned()
                 },
                 key_id: None,
-                limits: self.tenant_limits(state, DEFAULT_TENANT).await?,
+                limits: None,
             });
         }
         let bearer = bearer(headers);
@@ -186,20 +187,25 @@ impl Auth {
                 operator: grant.scopes.contains(&Scope::Admin),
                 actor: format!("key:{}", grant.id),
                 key_id: Some(grant.id.clone()),
-                limits: grant.limits.or(self.defaults),
+                limits: Some(grant.limits.or(self.defaults)),
                 tenant: grant.tenant,
                 scopes: grant.scopes,
             });
         }
-        // The admin token, as a header or the dashboard's cookie.
-        match self.admin.check(headers) {
+        // The admin token, as a header or the dashboard's cookie. (Without
+        // a token, loopback opens nothing here: that is auth off's.)
+        match self.admin.check(headers).and(if self.admin.has_token() {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized { invalid: false })
+        }) {
             Ok(()) => Ok(Caller {
                 tenant: DEFAULT_TENANT.to_owned(),
                 scopes: Scope::ALL.to_vec(),
                 operator: true,
                 actor: "admin-token".to_owned(),
                 key_id: None,
-                limits: self.tenant_limits(state, DEFAULT_TENANT).await?,
+                limits: None,
             }),
             Err(_) => Err(ApiError::Unauthorized {
                 invalid: bearer.is_some(),
@@ -224,6 +230,8 @@ impl Auth {
 
     /// A tenant's limits, set or defaulted (for callers without a key).
     async fn tenant_limits(&self, state: &AppState, tenant: &str) -> Result<Limits, ApiError> {
+        // `resolve` never needs them: a request that submits nothing must
+        // not depend on a limits lookup.
         if let Some((limits, at)) = self.tenants.lock().expect("limits cache").get(tenant)
             && at.elapsed() < LIMITS_TTL
         {
@@ -281,8 +289,10 @@ pub async fn authenticate(
     next: Next,
 ) -> Result<Response, ApiError> {
     let caller = state.auth.resolve(&state, request.headers()).await?;
-    if let (Some(id), Some(rps)) = (&caller.key_id, caller.limits.requests_per_second)
-        && rps > 0
+    if let (Some(id), Some(rps)) = (
+        &caller.key_id,
+        caller.limits.and_then(|l| l.requests_per_second),
+    ) && rps > 0
         && let Some(wait) = state
             .service
             .queue
@@ -307,7 +317,11 @@ pub async fn admit(
     tokens: u64,
     count: u64,
 ) -> Result<(), ApiError> {
-    if let Some(cap) = caller.limits.max_queued.filter(|&n| n > 0) {
+    let limits = match caller.limits {
+        Some(l) => l,
+        None => state.auth.tenant_limits(state, &caller.tenant).await?,
+    };
+    if let Some(cap) = limits.max_queued.filter(|&n| n > 0) {
         let unfinished = state
             .service
             .store
@@ -324,7 +338,7 @@ pub async fn admit(
             });
         }
     }
-    if let Some(tpm) = caller.limits.tokens_per_minute.filter(|&n| n > 0) {
+    if let Some(tpm) = limits.tokens_per_minute.filter(|&n| n > 0) {
         if tokens > tpm {
             return Err(ApiError::RateLimited {
                 limit: "tokens_per_minute",

@@ -24,6 +24,7 @@ impl FromRequest<AppState> for JsonBody {
         )
         .await
         .map_err(|_| ApiError::BodyTimeout)??;
+        queue_core::task::check_no_nul(&value, "")?;
         Ok(JsonBody(value))
     }
 }
@@ -67,6 +68,22 @@ impl FromRequest<AppState> for JsonBytes {
             }
         })?;
         Ok(JsonBytes(bytes))
+    }
+}
+
+/// A path parameter that is a name (a queue, a tenant, a key id), as text:
+/// 400 in our error shape if it is not UTF-8. What a valid name is, the
+/// route checks.
+pub struct NamePath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for NamePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(name)| NamePath(name))
+            .map_err(|_| ApiError::BadId { field: "name" })
     }
 }
 

@@ -13,13 +13,17 @@
 //! - [`waiters`]: long-poll (`?wait=`) waiters woken by completion events.
 //! - [`extract`]: our JSON body and id extractors (our error shape on bad
 //!   input); [`query`]: the listing routes' query strings.
+//! - [`openapi`]: the OpenAPI document, from the handlers' annotations,
+//!   served at `/openapi.json`.
 //!
-//! [`app`] builds the router for `main` and for the tests alike.
+//! [`app`] builds the router for `main` and for the tests alike;
+//! [`openapi()`] the document it serves.
 
 pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod query;
 pub mod request_id;
 pub mod routes;
@@ -31,6 +35,9 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use queue_core::Service;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Shared by every handler.
 #[derive(Debug, Clone)]
@@ -89,33 +96,73 @@ impl AppState {
     }
 }
 
+/// The documented routes, in the groups [`app`] guards differently.
+struct Documented {
+    /// Need the `admin` scope (or the admin token).
+    admin: OpenApiRouter<AppState>,
+    /// Need a caller, with the scope each handler checks.
+    caller: OpenApiRouter<AppState>,
+    /// Need nothing.
+    public: OpenApiRouter<AppState>,
+}
+
+fn documented() -> Documented {
+    Documented {
+        admin: routes::queues::router()
+            .merge(routes::dlq::router())
+            .merge(routes::keys::router())
+            .merge(routes::tenants::router())
+            .merge(routes::audit::router()),
+        caller: routes::tasks::router().merge(routes::batches::router()),
+        public: routes::health::router()
+            .routes(routes!(metrics))
+            .routes(routes!(openapi::document)),
+    }
+}
+
+/// The OpenAPI document of every route [`app`] serves but the dashboard's.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let Documented {
+        admin,
+        caller,
+        public,
+    } = documented();
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(caller)
+        .merge(admin)
+        .merge(public)
+        .into_openapi()
+}
+
 /// The whole API. `max_body_bytes` caps every request body.
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
     // Install the recorder before the first request counts anything.
     queue_core::telemetry::metrics();
-    let admin_routes = routes::queues::router()
-        .merge(routes::dlq::router())
-        .merge(routes::keys::router())
-        .merge(routes::tenants::router())
-        .merge(routes::audit::router())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            admin::require,
-        ));
+    let Documented {
+        admin,
+        caller,
+        public,
+    } = documented();
+    let admin = admin.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        admin::require,
+    ));
     // Every route here needs a caller (auth runs first: it is the outer
     // layer); the public ones below do not.
-    let protected = routes::tasks::router()
-        .merge(routes::batches::router())
-        .merge(admin_routes)
+    let protected = caller
+        .merge(admin)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
         ));
-    Router::new()
+    let (documented, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(protected)
-        .merge(routes::health::router())
+        .merge(public)
+        .split_for_parts();
+    documented
+        // The dashboard's pages are not part of the API's document.
         .merge(routes::ui::router())
-        .route("/metrics", axum::routing::get(metrics))
+        .layer(axum::Extension(openapi::Document::new(&document)))
         .layer(axum::middleware::from_fn_with_state(state.clone(), shed))
         .fallback(|| async { error::ApiError::NotFound { what: "route" } })
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -150,6 +197,15 @@ async fn shed(
 /// Prometheus text of this process's recorder, with the queue gauges
 /// (ready, scheduled, running, oldest ready age) read fresh: Redis `ZCOUNT`s
 /// and one query over running tasks, never a count over all tasks.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    security(()),
+    responses((status = 200, description = "This process's metrics, with the queue gauges read fresh, in the Prometheus text format.", body = String, content_type = "text/plain")),
+)]
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> String {
     if let Err(e) = queue_gauges(&state).await {
         tracing::debug!(error = %e, "queue gauges not refreshed");

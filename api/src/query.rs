@@ -41,7 +41,7 @@ pub fn listing(query: Option<&str>, allowed: &[&str]) -> Result<Listing> {
         limit: DEFAULT_PAGE,
         ..Listing::default()
     };
-    for (k, v) in pairs(query) {
+    for (k, v) in pairs(query)? {
         if !allowed.contains(&k) {
             return Err(ApiError::bad_query(
                 k,
@@ -106,14 +106,22 @@ fn time(field: &str, v: &str) -> Result<DateTime<Utc>> {
         })
 }
 
-/// `key=value` pairs, values percent-decoded.
-pub fn pairs(query: Option<&str>) -> impl Iterator<Item = (&str, String)> {
+/// `key=value` pairs, values percent-decoded. A NUL character (`%00`) is
+/// refused: no stored text can hold one.
+pub fn pairs(query: Option<&str>) -> Result<Vec<(&str, String)>> {
     query
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| p.split_once('=').unwrap_or((p, "")))
-        .map(|(k, v)| (k, percent_decode(v)))
+        .map(|(k, v)| {
+            let v = percent_decode(v);
+            if v.contains('\0') {
+                return Err(ApiError::bad_query(k, "must not contain a NUL character"));
+            }
+            Ok((k, v))
+        })
+        .collect()
 }
 
 /// `%XX` and `+` in a query value (model names may hold `/` or `:`; times

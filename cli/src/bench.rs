@@ -269,7 +269,7 @@ impl Rig {
     async fn load(&self, flags: &[&str]) -> anyhow::Result<Value> {
         let mut all: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
         all.push("--quiet".to_owned());
-        load::measure(&self.url(), &LoadArgs::from_flags(&all)?).await
+        load::measure(&self.url(), None, &LoadArgs::from_flags(&all)?).await
     }
 }
 

@@ -260,9 +260,11 @@ async fn one(shared: &Shared, n: usize) {
 }
 
 /// Generates the load and returns the summary (what `inferq load` prints).
-pub async fn measure(url: &str, args: &LoadArgs) -> anyhow::Result<Value> {
+/// `bearer`: the API key (or token) sent with every request.
+pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow::Result<Value> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
+        .default_headers(crate::auth_headers(bearer)?)
         .build()?;
     let prompts: Vec<String> = match &args.prompts {
         Some(path) => std::fs::read_to_string(path)?
@@ -434,8 +436,8 @@ fn spawn_progress(shared: Arc<Shared>, total: Duration) -> tokio::task::JoinHand
 
 /// Runs the load and prints the figures; returns the exit code (1 when an
 /// SLA gate failed).
-pub async fn run(url: &str, args: LoadArgs) -> anyhow::Result<i32> {
-    let summary = measure(url, &args).await?;
+pub async fn run(url: &str, bearer: Option<&str>, args: LoadArgs) -> anyhow::Result<i32> {
+    let summary = measure(url, bearer, &args).await?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;

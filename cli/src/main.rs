@@ -24,7 +24,8 @@ struct Cli {
         global = true
     )]
     url: String,
-    /// The admin token, for `queues`, `pause`, `resume` and `dlq`.
+    /// The admin token, for `keys`, `limits`, `audit`, `queues`, `pause`,
+    /// `resume` and `dlq` (an API key with the `admin` scope also does).
     #[arg(
         long,
         env = "INFERQ_ADMIN_TOKEN",
@@ -32,6 +33,9 @@ struct Cli {
         hide_env_values = true
     )]
     admin_token: Option<String>,
+    /// Your API key (`iq_...`), for every other command.
+    #[arg(long, env = "INFERQ_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,11 +80,67 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// API keys (admin): `create`, `list`, `revoke`.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// A tenant's limits (admin): `get`, `set`.
+    Limits {
+        #[command(subcommand)]
+        action: LimitsAction,
+    },
+    /// What admins did, newest first (admin).
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// The `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<i64>,
+    },
     /// Generate load: see `inferq load --help`.
     Load(load::LoadArgs),
     /// Run the workloads of BENCHMARKS.md (W1 to W5) against the real
     /// binaries and print one table: see `inferq bench --help`.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Create a key and print it: the only time it is shown.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: submit, read, cancel, admin.
+        #[arg(long, value_delimiter = ',', default_value = "submit,read,cancel")]
+        scopes: Vec<String>,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key by its id (it stops working within a second).
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum LimitsAction {
+    /// Print a tenant's limits, as set and in effect.
+    Get { tenant: String },
+    /// Set a tenant's limits; one left out takes the configured default,
+    /// 0 is no limit.
+    Set {
+        tenant: String,
+        #[arg(long)]
+        requests_per_second: Option<u64>,
+        #[arg(long)]
+        tokens_per_minute: Option<u64>,
+        #[arg(long)]
+        max_queued: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,18 +238,47 @@ async fn wait_task(
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// `Authorization: Bearer <bearer>`, marked sensitive so it is never
+/// printed.
+pub fn auth_headers(bearer: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMap> {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = &cli.admin_token {
-        let mut value: reqwest::header::HeaderValue =
-            format!("Bearer {token}").parse().context("--admin-token")?;
+    if let Some(token) = bearer {
+        let mut value: reqwest::header::HeaderValue = format!("Bearer {token}")
+            .parse()
+            .context("the key or token is not a valid header value")?;
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
+    Ok(headers)
+}
+
+impl Command {
+    /// Commands of the admin routes, which take the admin token first.
+    fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            Command::Keys { .. }
+                | Command::Limits { .. }
+                | Command::Audit { .. }
+                | Command::Queues
+                | Command::Pause { .. }
+                | Command::Resume { .. }
+                | Command::Dlq { .. }
+        )
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (admin, key) = (cli.admin_token.as_deref(), cli.api_key.as_deref());
+    let bearer = if cli.command.is_admin() {
+        admin.or(key)
+    } else {
+        key.or(admin)
+    };
     let http = reqwest::Client::builder()
-        .default_headers(headers)
+        .default_headers(auth_headers(bearer)?)
         .build()?;
     let url = cli.url.trim_end_matches('/').to_owned();
     match cli.command {
@@ -339,7 +428,67 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             println!("{}", check(resp).await?);
         }
-        Command::Load(args) => std::process::exit(load::run(&url, args).await?),
+        Command::Keys { action } => {
+            let resp = match action {
+                KeysAction::Create {
+                    tenant,
+                    name,
+                    scopes,
+                } => {
+                    http.post(format!("{url}/admin/keys"))
+                        .json(&json!({"tenant": tenant, "name": name, "scopes": scopes}))
+                        .send()
+                        .await?
+                }
+                KeysAction::List { tenant } => {
+                    let q = tenant.map_or(String::new(), |t| format!("?tenant={}", encode(&t)));
+                    http.get(format!("{url}/admin/keys{q}")).send().await?
+                }
+                KeysAction::Revoke { id } => {
+                    http.delete(format!("{url}/admin/keys/{}", encode(&id)))
+                        .send()
+                        .await?
+                }
+            };
+            println!("{}", check(resp).await?);
+        }
+        Command::Limits { action } => {
+            let resp = match action {
+                LimitsAction::Get { tenant } => {
+                    http.get(format!("{url}/admin/tenants/{}/limits", encode(&tenant)))
+                        .send()
+                        .await?
+                }
+                LimitsAction::Set {
+                    tenant,
+                    requests_per_second,
+                    tokens_per_minute,
+                    max_queued,
+                } => {
+                    let body = json!({
+                        "requests_per_second": requests_per_second,
+                        "tokens_per_minute": tokens_per_minute,
+                        "max_queued": max_queued,
+                    });
+                    http.put(format!("{url}/admin/tenants/{}/limits", encode(&tenant)))
+                        .json(&body)
+                        .send()
+                        .await?
+                }
+            };
+            println!("{}", check(resp).await?);
+        }
+        Command::Audit { limit, cursor } => {
+            let mut q = format!("limit={limit}");
+            if let Some(c) = cursor {
+                q.push_str(&format!("&cursor={c}"));
+            }
+            println!(
+                "{}",
+                check(http.get(format!("{url}/admin/audit?{q}")).send().await?).await?
+            );
+        }
+        Command::Load(args) => std::process::exit(load::run(&url, bearer, args).await?),
         Command::Bench(args) => std::process::exit(bench::run(args).await?),
     }
     Ok(())

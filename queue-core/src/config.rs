@@ -107,9 +107,9 @@ pub struct ApiConfig {
     pub tls_key: Option<std::path::PathBuf>,
 
     /// Longest wait for a request's headers, in seconds (also how long an
-    /// idle keep-alive connection is kept): a slow client cannot hold a
-    /// connection forever.
-    #[arg(long, env = "INFERQ_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    /// idle keep-alive connection is kept, so not shorter than clients'
+    /// pools expect): a slow client cannot hold a connection forever.
+    #[arg(long, env = "INFERQ_HEADER_TIMEOUT_SECS", default_value_t = 30)]
     pub header_timeout_secs: u64,
 
     /// Longest wait for a request's whole body, in seconds (408 after).

@@ -235,6 +235,40 @@ fn metadata(obj: &Map<String, Value>, prefix: &str) -> Result<Option<Value>> {
     }
 }
 
+/// Refuses a NUL character in any string or key of `value`: PostgreSQL
+/// stores none in `text` or `jsonb`, so it would otherwise fail as a 500.
+/// The error names the innermost field that holds it.
+pub fn check_no_nul(value: &Value, path: &str) -> Result<()> {
+    let field = |p: &str| {
+        if p.is_empty() {
+            "body".to_owned()
+        } else {
+            p.to_owned()
+        }
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => Err(ValidationError::new(
+            field(path),
+            "must not contain a NUL character (\\u0000)",
+        )),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_no_nul(v, &format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            let at = join(path, k);
+            if k.contains('\0') {
+                return Err(ValidationError::new(
+                    field(path),
+                    "must not contain a NUL character (\\u0000) in a key",
+                ));
+            }
+            check_no_nul(v, &at)
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses values nested deeper than [`MAX_DEPTH`] (a deep value costs
 /// stack in every parser that reads it back).
 fn check_depth(value: &Value, field: &str) -> Result<()> {
@@ -270,7 +304,8 @@ pub fn token_estimate(input: &Input, params: &Map<String, Value>) -> u64 {
     (bytes as u64).div_ceil(4) + completion
 }
 
-fn valid_model(model: &str) -> bool {
+/// Whether `model` can name a queue (see [`MAX_MODEL_LEN`]).
+pub fn valid_model(model: &str) -> bool {
     !model.is_empty()
         && model.len() <= MAX_MODEL_LEN
         && model
@@ -287,6 +322,7 @@ impl NewTask {
     /// Checks one task object. `prefix` is its path in the body ("" for
     /// `POST /tasks`, `tasks[3]` inside a batch).
     pub fn from_json(value: &Value, prefix: &str) -> Result<NewTask> {
+        check_no_nul(value, prefix)?;
         let obj = object(value, prefix)?;
         reject_unknown(
             obj,
@@ -600,6 +636,9 @@ impl NewBatch {
             head.insert("metadata".to_owned(), v);
         }
         let metadata = metadata(&head, "")?;
+        if let Some(m) = &metadata {
+            check_no_nul(m, "metadata")?;
+        }
         let items: Vec<&RawValue> = match top.get("tasks") {
             None => return Err(ValidationError::new("tasks", "is required").into()),
             Some(raw) if raw.get() == "null" => {

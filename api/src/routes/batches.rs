@@ -1,32 +1,64 @@
 //! `/batches`: submit up to 100,000 tasks at once (all or none), follow
 //! their progress.
 
+use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use queue_core::access::Scope;
 use queue_core::service::Submission;
 use queue_core::task::{BatchBodyError, BatchRecord, NewBatch, TaskStatus};
 use serde_json::{Map, Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::{self, Caller};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBytes};
+use crate::openapi::{
+    BadIdOrQuery, BadJson, BadQuery, BatchAccepted, BatchPage, BatchSubmission, BatchView,
+    BodyTimeout, ErrorBody, IdempotencyKeyHeader, Internal, MissingScope, NotFound, PageQuery,
+    RateLimited, SubmissionRateLimited, SubmissionUnavailable, TooLarge, Unauthorized, Unavailable,
+    UnsupportedMediaType, WaitQuery,
+};
 use crate::query;
 use crate::routes::tasks::idempotency_key;
 use crate::waiters::wait_param;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/batches", post(submit).get(list))
-        .route("/batches/{id}", get(show))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit, list))
+        .routes(routes!(show))
 }
 
 /// `202` with the new batch; with an `Idempotency-Key` seen before and the
 /// same body, `200` with the batch that key made.
+#[utoipa::path(
+    post,
+    path = "/batches",
+    tag = "batches",
+    operation_id = "submit_batch",
+    summary = "Submit up to 100,000 tasks at once, all or none",
+    params(IdempotencyKeyHeader),
+    request_body(content = BatchSubmission, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted: the new batch and its tasks' ids.", body = BatchAccepted),
+        (status = 200, description = "A retry with an `Idempotency-Key` seen before and the same body: the batch that key made.", body = BatchAccepted),
+        (status = 400, response = BadJson),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = MissingScope),
+        (status = 404, description = "`not_found`: the batch this `Idempotency-Key` made is gone.", body = ErrorBody),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, description = "`invalid_field`: a field is missing, unknown, of the wrong type or out of range (`field` is its path, e.g. `tasks[17].priority`), or `Idempotency-Key` is malformed; `idempotency_key_reused`: the key was used with another body.", body = ErrorBody),
+        (status = 429, response = SubmissionRateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = SubmissionUnavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn submit(
     State(state): State<AppState>,
     caller: Caller,
@@ -96,6 +128,25 @@ async fn submit(
 /// `?wait=<seconds>` (up to 60) answers as soon as the batch completes, or
 /// with its progress when the wait ends. Each finished task of the batch
 /// wakes the waiter, which recounts at most every [`RECOUNT_EVERY`].
+#[utoipa::path(
+    get,
+    path = "/batches/{id}",
+    tag = "batches",
+    operation_id = "get_batch",
+    summary = "Read a batch's progress, or wait for it to complete",
+    params(("id" = uuid::Uuid, Path, description = "The batch's id."), WaitQuery),
+    responses(
+        (status = 200, description = "The batch; after `wait`, completed or as it is when the wait ends.", body = BatchView),
+        (status = 400, response = BadIdOrQuery),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = MissingScope),
+        (status = 404, response = NotFound),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -134,6 +185,24 @@ async fn show(
 }
 
 /// `GET /batches?limit=&cursor=`: newest first, each with its counts.
+#[utoipa::path(
+    get,
+    path = "/batches",
+    tag = "batches",
+    operation_id = "list_batches",
+    summary = "List batches, newest first",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of batches (the caller's tenant's; every tenant's for an admin).", body = BatchPage),
+        (status = 400, response = BadQuery),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = MissingScope),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,

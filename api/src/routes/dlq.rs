@@ -1,28 +1,34 @@
 //! `/dlq`: dead letters (tasks that ended `failed`): list, re-drive and
 //! purge them by filter.
 
+use axum::Json;
 use axum::extract::{RawQuery, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use queue_core::store::DeadFilter;
 use queue_core::task::ValidationError;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
 use crate::extract::JsonBody;
+use crate::openapi::{
+    AdminForbidden, BadJson, BadQuery, BodyTimeout, DeadLetterFilter, DeadListQuery, Internal,
+    Invalid, Purged, RateLimited, Redriven, TaskPage, TooLarge, Unauthorized, Unavailable,
+    UnsupportedMediaType,
+};
 use crate::query;
 use crate::routes::tasks::page;
 
 /// Dead letters deleted per statement by a purge.
 const PURGE_CHUNK: i64 = 1_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/dlq", get(list))
-        .route("/dlq/redrive", post(redrive))
-        .route("/dlq/purge", post(purge))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(redrive))
+        .routes(routes!(purge))
 }
 
 const FILTER_FIELDS: &[&str] = &[
@@ -90,6 +96,24 @@ fn filter_of(body: &Value) -> Result<DeadFilter> {
 
 /// `GET /dlq?model=&batch_id=&error_contains=&finished_after=&finished_before=&limit=&cursor=`:
 /// failed tasks, newest first, in the shape of `GET /tasks`.
+#[utoipa::path(
+    get,
+    path = "/dlq",
+    tag = "dlq",
+    operation_id = "list_dead_letters",
+    summary = "List dead letters (failed tasks), newest first",
+    params(DeadListQuery),
+    responses(
+        (status = 200, description = "A page of failed tasks, every tenant's.", body = TaskPage),
+        (status = 400, response = BadQuery),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Json<Value>> {
     let l = query::listing(
         q.as_deref(),
@@ -113,6 +137,28 @@ async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Js
 
 /// Every matching failed task runs again with fresh attempts; its earlier
 /// attempts stay in its history under the previous run number.
+#[utoipa::path(
+    post,
+    path = "/dlq/redrive",
+    tag = "dlq",
+    operation_id = "redrive_dead_letters",
+    summary = "Run matching dead letters again, with fresh attempts",
+    request_body(content = DeadLetterFilter, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were queued again.", body = Redriven),
+        (status = 400, response = BadJson),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn redrive(
     State(state): State<AppState>,
     caller: Caller,
@@ -130,6 +176,28 @@ async fn redrive(
 }
 
 /// Deletes every matching failed task with its history, in chunks.
+#[utoipa::path(
+    post,
+    path = "/dlq/purge",
+    tag = "dlq",
+    operation_id = "purge_dead_letters",
+    summary = "Delete matching dead letters with their history",
+    request_body(content = DeadLetterFilter, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were deleted.", body = Purged),
+        (status = 400, response = BadJson),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn purge(
     State(state): State<AppState>,
     caller: Caller,

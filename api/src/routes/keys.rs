@@ -1,24 +1,30 @@
 //! `/admin/keys`: API keys, created (shown once), listed and revoked by an
 //! admin.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::Json;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
 use queue_core::access::{self, Scope};
 use queue_core::task::ValidationError;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, NamePath};
+use crate::openapi::{
+    AdminForbidden, BadId, BadJson, BadQuery, BodyTimeout, Internal, Invalid, Key, KeyList,
+    KeyListQuery, KeyRequest, NewKey, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable,
+    UnsupportedMediaType,
+};
 use crate::query;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/keys", get(list).post(create))
-        .route("/admin/keys/{id}", delete(revoke))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(revoke))
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> ApiError {
@@ -30,6 +36,28 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 
 /// `POST /admin/keys` `{tenant, name, scopes}`: `201` with the key, the
 /// only time it is shown.
+#[utoipa::path(
+    post,
+    path = "/admin/keys",
+    tag = "keys",
+    operation_id = "create_key",
+    summary = "Create an API key (shown once)",
+    request_body(content = KeyRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The new key: the only time `key` is shown.", body = NewKey),
+        (status = 400, response = BadJson),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -99,9 +127,27 @@ async fn create(
 
 /// `GET /admin/keys?tenant=`: every key (never the key itself), newest
 /// first.
+#[utoipa::path(
+    get,
+    path = "/admin/keys",
+    tag = "keys",
+    operation_id = "list_keys",
+    summary = "List API keys, newest first (never the keys themselves)",
+    params(KeyListQuery),
+    responses(
+        (status = 200, description = "Every key, or one tenant's.", body = KeyList),
+        (status = 400, response = BadQuery),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Json<Value>> {
     let mut tenant = None;
-    for (k, v) in query::pairs(q.as_deref()) {
+    for (k, v) in query::pairs(q.as_deref())? {
         match k {
             "tenant" => tenant = Some(v),
             _ => {
@@ -118,10 +164,29 @@ async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Js
 
 /// `DELETE /admin/keys/{id}`: the key stops working within a second on
 /// every API replica.
+#[utoipa::path(
+    delete,
+    path = "/admin/keys/{id}",
+    tag = "keys",
+    operation_id = "revoke_key",
+    summary = "Revoke an API key",
+    params(("id" = String, Path, pattern = r"^[a-z0-9]{12}$", description = "The key's public id (12 of a-z, 0-9).")),
+    responses(
+        (status = 200, description = "The key, revoked (it stops working within a second).", body = Key),
+        (status = 400, response = BadId),
+        (status = 404, response = NotFound),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    NamePath(id): NamePath,
 ) -> Result<Json<Value>> {
     if id.len() != 12
         || !id

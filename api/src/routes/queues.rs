@@ -2,25 +2,46 @@
 //! Nothing here counts over all tasks, so it stays cheap with millions
 //! queued.
 
-use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+use axum::extract::State;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::Result;
+use crate::error::{ApiError, Result};
+use crate::extract::NamePath;
+use crate::openapi::{
+    AdminForbidden, BadId, Internal, QueueList, QueuePaused, RateLimited, Unauthorized, Unavailable,
+};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/queues", get(list))
-        .route("/queues/{name}/pause", post(pause))
-        .route("/queues/{name}/resume", post(resume))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
 }
 
 /// Each queue: ready per priority and the oldest ready age, scheduled and
 /// paused (Redis), running and dead letters (PostgreSQL, by partial
 /// indexes), and tasks finished over the last minute (Redis counters).
+#[utoipa::path(
+    get,
+    path = "/queues",
+    tag = "queues",
+    operation_id = "list_queues",
+    summary = "Every queue: what waits, runs and failed",
+    responses(
+        (status = 200, description = "Every queue.", body = QueueList),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list(State(state): State<AppState>) -> Result<Json<Value>> {
     let queue = &state.service.queue;
     let paused = queue.paused().await?;
@@ -54,11 +75,32 @@ async fn list(State(state): State<AppState>) -> Result<Json<Value>> {
 
 /// Workers stop taking the queue's tasks within about a quarter second;
 /// submissions are still accepted and running tasks finish.
+#[utoipa::path(
+    post,
+    path = "/queues/{name}/pause",
+    tag = "queues",
+    operation_id = "pause_queue",
+    summary = "Pause a queue: workers stop taking its tasks",
+    params(("name" = String, Path, min_length = 1, description = "The queue (model) name.")),
+    responses(
+        (status = 400, response = BadId),
+        (status = 200, description = "Paused (submissions are still accepted; running tasks finish).", body = QueuePaused),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn pause(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    NamePath(name): NamePath,
 ) -> Result<Json<Value>> {
+    if !queue_core::task::valid_model(&name) {
+        return Err(ApiError::BadId { field: "name" });
+    }
     // Written first: nothing is done that the audit log does not show.
     state
         .service
@@ -69,11 +111,32 @@ async fn pause(
     Ok(Json(json!({"name": name, "paused": true})))
 }
 
+#[utoipa::path(
+    post,
+    path = "/queues/{name}/resume",
+    tag = "queues",
+    operation_id = "resume_queue",
+    summary = "Resume a paused queue",
+    params(("name" = String, Path, min_length = 1, description = "The queue (model) name.")),
+    responses(
+        (status = 400, response = BadId),
+        (status = 200, description = "Resumed.", body = QueuePaused),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = AdminForbidden),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn resume(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    NamePath(name): NamePath,
 ) -> Result<Json<Value>> {
+    if !queue_core::task::valid_model(&name) {
+        return Err(ApiError::BadId { field: "name" });
+    }
     state
         .service
         .store

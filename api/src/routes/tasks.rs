@@ -2,10 +2,9 @@
 
 use std::sync::atomic::Ordering;
 
+use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use queue_core::access::Scope;
 use queue_core::idempotency::{IdempotencyKey, MAX_KEY_LEN};
 use queue_core::service::Submission;
@@ -16,21 +15,55 @@ use queue_core::task::{AttemptRecord, NewTask, TaskRecord, TaskStatus, Validatio
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 use serde_json::{Value, json};
 
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
 use crate::AppState;
 use crate::auth::{self, Caller};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdPath, JsonBody};
+use crate::openapi::{
+    BadId, BadIdOrQuery, BadJson, BadQuery, BodyTimeout, ErrorBody, IdempotencyKeyHeader, Internal,
+    MissingScope, NotFound, RateLimited, SubmissionRateLimited, SubmissionUnavailable,
+    TaskAccepted, TaskListQuery, TaskPage, TaskSubmission, TaskView, TooLarge, Unauthorized,
+    Unavailable, UnsupportedMediaType, WaitQuery,
+};
 use crate::query;
 use crate::waiters::wait_param;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/tasks", post(submit).get(list))
-        .route("/tasks/{id}", get(show).delete(cancel))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit, list))
+        .routes(routes!(show, cancel))
 }
 
 /// `202` with the new task; with an `Idempotency-Key` seen before and the
 /// same body, `200` with the task that key made.
+#[utoipa::path(
+    post,
+    path = "/tasks",
+    tag = "tasks",
+    operation_id = "submit_task",
+    summary = "Submit a task",
+    params(IdempotencyKeyHeader),
+    request_body(content = TaskSubmission, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted: the new task.", body = TaskAccepted),
+        (status = 200, description = "A retry with an `Idempotency-Key` seen before and the same body: the task that key made.", body = TaskAccepted),
+        (status = 400, response = BadJson),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = MissingScope),
+        (status = 404, description = "`not_found`: the task this `Idempotency-Key` made is gone (purged).", body = ErrorBody),
+        (status = 408, response = BodyTimeout),
+        (status = 413, response = TooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, description = "`invalid_field`: a field is missing, unknown, of the wrong type or out of range (`field` is its path), or `Idempotency-Key` is malformed; `idempotency_key_reused`: the key was used with another body.", body = ErrorBody),
+        (status = 429, response = SubmissionRateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = SubmissionUnavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn submit(
     State(state): State<AppState>,
     caller: Caller,
@@ -116,6 +149,25 @@ pub fn idempotency_key(
 
 /// `?wait=<seconds>` (up to 60) answers as soon as the task finishes, or
 /// with its state when the wait ends.
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}",
+    tag = "tasks",
+    operation_id = "get_task",
+    summary = "Read a task, or wait for it to finish",
+    params(("id" = uuid::Uuid, Path, description = "The task's id."), WaitQuery),
+    responses(
+        (status = 200, description = "The task with its attempts; after `wait`, finished or as it is when the wait ends.", body = TaskView),
+        (status = 400, response = BadIdOrQuery),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = MissingScope),
+        (status = 404, response = NotFound),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -236,6 +288,26 @@ async fn read_view(state: &AppState, id: uuid::Uuid) -> Result<Value> {
     Ok(task_view(&task, Some(&history)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/tasks/{id}",
+    tag = "tasks",
+    operation_id = "cancel_task",
+    summary = "Cancel an unfinished task",
+    params(("id" = uuid::Uuid, Path, description = "The task's id.")),
+    responses(
+        (status = 200, description = "The task, now cancelled, with its attempts.", body = TaskView),
+        (status = 400, response = BadId),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = MissingScope),
+        (status = 404, response = NotFound),
+        (status = 409, description = "`not_cancellable`: the task has already finished.", body = ErrorBody),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -269,6 +341,24 @@ const LIST_PARAMS: &[&str] = &[
 
 /// `GET /tasks?status=&model=&batch_id=&priority=&error_contains=&finished_after=&finished_before=&limit=&cursor=`:
 /// newest first; `next_cursor` fetches the following page.
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    tag = "tasks",
+    operation_id = "list_tasks",
+    summary = "List tasks, newest first",
+    params(TaskListQuery),
+    responses(
+        (status = 200, description = "A page of tasks (the caller's tenant's; every tenant's for an admin).", body = TaskPage),
+        (status = 400, response = BadQuery),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = MissingScope),
+        (status = 429, response = RateLimited),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
