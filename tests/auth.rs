@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use inferq_e2e::{Api, Env};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::Child;
 
 /// Two v7 UUIDs (148 random bits) as hex: no log line holds it by chance.
 fn random_secret(prefix: &str) -> String {
@@ -59,6 +60,19 @@ async fn create_key(api: &Api, admin: &str, tenant: &str, scopes: &[&str]) -> (S
         body["id"].as_str().unwrap().to_owned(),
         body["key"].as_str().unwrap().to_owned(),
     )
+}
+
+/// An API with auth, a worker, and a key of `tenant` (submit, read) whose
+/// limits are `limits`.
+async fn limited_tenant(env: &Env, tenant: &str, limits: Value) -> (Api, Child, String) {
+    let admin = random_secret("adm-");
+    let api = env.api(&auth_vars(&admin)).await;
+    let worker = env.worker("worker.log", &[]);
+    let path = format!("/admin/tenants/{tenant}/limits");
+    let (status, body) = call(&api, "PUT", &path, &admin, Some(limits)).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, key) = create_key(&api, &admin, tenant, &["submit", "read"]).await;
+    (api, worker, key)
 }
 
 #[tokio::test]
@@ -153,19 +167,7 @@ async fn a_request_rate_limit_holds_across_two_api_processes() {
 #[tokio::test]
 async fn a_tenant_over_its_queued_cap_is_accepted_again_once_its_tasks_drain() {
     let env = Env::new("auth-cap");
-    let admin = random_secret("adm-");
-    let api = env.api(&auth_vars(&admin)).await;
-    let _worker = env.worker("worker.log", &[]);
-    let (status, _) = call(
-        &api,
-        "PUT",
-        "/admin/tenants/capped/limits",
-        &admin,
-        Some(json!({"max_queued": 2})),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (_, key) = create_key(&api, &admin, "capped", &["submit", "read"]).await;
+    let (api, _worker, key) = limited_tenant(&env, "capped", json!({"max_queued": 2})).await;
     let slow = json!({"model": "sim", "prompt": "x", "params": {"sim": {"latency_ms": 1500}}});
     let mut ids = Vec::new();
     for _ in 0..2 {
@@ -518,4 +520,132 @@ async fn the_api_serves_https_with_the_configured_certificate() {
         "plain HTTP was served"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn token_estimates_are_corrected_by_the_usage_backends_report() {
+    let env = Env::new("auth-tokens");
+    let (api, _worker, key) =
+        limited_tenant(&env, "metered", json!({"tokens_per_minute": 1000})).await;
+    // Estimated at 1 + 900 tokens; `sim` answers with the prompt's one
+    // word and reports a usage of 2.
+    let task = json!({"model": "sim", "prompt": "abcd", "params": {"max_tokens": 900}});
+    let (status, first) = call(&api, "POST", "/tasks", &key, Some(task.clone())).await;
+    assert_eq!(status, 202, "{first}");
+    // Before it runs, a second estimate of 901 does not fit in 1000.
+    let (status, body) = call(&api, "POST", "/tasks", &key, Some(task.clone())).await;
+    assert_eq!(status, 429, "{body}");
+    let id = first["id"].as_str().unwrap();
+    let (_, done) = call(&api, "GET", &format!("/tasks/{id}?wait=30"), &key, None).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let used = done["result"]["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used < 100, "{done}");
+    // The worker gives back what was not used (within half a second):
+    // now 901 more fit.
+    let started = Instant::now();
+    loop {
+        let (status, body) = call(&api, "POST", "/tasks", &key, Some(task.clone())).await;
+        if status == 202 {
+            break;
+        }
+        assert_eq!(status, 429, "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the estimate was not corrected: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn keys_limits_and_the_audit_log_from_the_command_line() {
+    let env = Env::new("auth-cli");
+    let admin = random_secret("adm-");
+    let api = env.api(&auth_vars(&admin)).await;
+    let _worker = env.worker("worker.log", &[]);
+    let cli = |env_vars: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = std::process::Command::new(inferq_e2e::binary("inferq"));
+        cmd.env_remove("INFERQ_ADMIN_TOKEN")
+            .env_remove("INFERQ_API_KEY")
+            .env("INFERQ_URL", &api.base);
+        for (k, v) in env_vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.success(),
+            text,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let as_admin = [("INFERQ_ADMIN_TOKEN", admin.as_str())];
+    let (ok, out, err) = cli(
+        &as_admin,
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "cli-team",
+            "--name",
+            "laptop",
+            "--scopes",
+            "submit,read",
+        ],
+    );
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    // The key submits and waits; the admin token lists keys and sets limits.
+    let as_user = [("INFERQ_API_KEY", key.as_str())];
+    let (ok, out, err) = cli(
+        &as_user,
+        &["submit", "--model", "sim", "--prompt", "hi", "--wait", "30"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["status"],
+        "succeeded",
+        "{out}"
+    );
+    let (ok, out, _) = cli(&as_admin, &["keys", "list", "--tenant", "cli-team"]);
+    assert!(ok);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["keys"][0]["id"], id.as_str());
+    assert!(!out.contains(&key[16..]), "a listing shows no key");
+    let (ok, _, err) = cli(
+        &as_admin,
+        &["limits", "set", "cli-team", "--max-queued", "7"],
+    );
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&as_admin, &["limits", "get", "cli-team"]);
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["effective"]["max_queued"],
+        7,
+        "{out}"
+    );
+    // A key without `admin` cannot use the admin commands.
+    let (ok, _, err) = cli(&as_user, &["keys", "list"]);
+    assert!(!ok && err.contains("403"), "{err}");
+
+    let (ok, _, err) = cli(&as_admin, &["keys", "revoke", &id]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&as_admin, &["audit"]);
+    assert!(ok);
+    let actions: Vec<String> = serde_json::from_str::<Value>(&out).unwrap()["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions, ["key.revoke", "limits.set", "key.create"], "{out}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, _, err) = cli(&as_user, &["status", created["id"].as_str().unwrap()]);
+    assert!(
+        !ok && err.contains("401"),
+        "a revoked key is refused: {err}"
+    );
 }

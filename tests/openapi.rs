@@ -29,6 +29,8 @@ fn schemathesis(root: &Path) -> String {
 fn run(bin: &str, config: &Path, schema: &str, args: &[&str]) -> (bool, String) {
     let started = Instant::now();
     let out = std::process::Command::new(bin)
+        // It keeps a cache (`.schemathesis/`) in its working directory.
+        .current_dir(std::env::temp_dir())
         .arg("--config-file")
         .arg(config)
         .args(["run", schema, "--seed", "7", "--max-examples", "10"])

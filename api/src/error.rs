@@ -127,6 +127,9 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Overloaded => {
                 metrics::counter!("inferq_api_shed_total").increment(1);
+                if crate::request_id::log_this_second() {
+                    tracing::warn!(request_id = %crate::request_id::current(), "at capacity: submissions shed with 503");
+                }
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded", None)
             }
             ApiError::Core(e) if e.is_unavailable() => {
