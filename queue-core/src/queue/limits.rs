@@ -126,6 +126,9 @@ impl Queue {
     /// estimates by what the backends reported, once per tenant per batch
     /// of completions.
     pub async fn adjust(&self, kind: &str, deltas: &[(&str, i64)]) -> Result<()> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.pool.get().await?;
         for (name, delta) in deltas {
             let () = ADJUST
