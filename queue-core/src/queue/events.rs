@@ -46,7 +46,7 @@ impl Queue {
     /// may have been missed), until the connection drops (then returns,
     /// for the caller to call again).
     pub async fn listen_work(&self, on_work: &mut (dyn FnMut(Option<&str>) + Send)) -> Result<()> {
-        let client = redis::Client::open(self.url.as_str())?;
+        let client = redis::Client::open(&*self.url)?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(self.work_channel()).await?;
         on_work(None);
@@ -80,7 +80,7 @@ impl Queue {
     /// Subscribes and calls `on_event` for every event until the
     /// connection drops (then returns, for the caller to call again).
     pub async fn listen(&self, on_event: &mut (dyn FnMut(Event) + Send)) -> Result<()> {
-        let client = redis::Client::open(self.url.as_str())?;
+        let client = redis::Client::open(&*self.url)?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(self.events_channel()).await?;
         on_event(Event::Resubscribed);

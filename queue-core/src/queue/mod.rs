@@ -77,9 +77,11 @@ pub struct Popped {
 #[derive(Clone)]
 pub struct Queue {
     pool: Pool,
-    prefix: String,
+    // Shared, not copied: handles are cloned for every request (each
+    // middleware layer clones the API's state).
+    prefix: std::sync::Arc<str>,
     /// For the dedicated pub/sub connection of [`events`].
-    url: String,
+    url: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -138,8 +140,8 @@ impl Queue {
         })?;
         Ok(Queue {
             pool,
-            prefix: config.key_prefix.clone(),
-            url: config.redis_url.clone(),
+            prefix: config.key_prefix.as_str().into(),
+            url: config.redis_url.as_str().into(),
         })
     }
 
