@@ -191,6 +191,50 @@ async fn a_batch_is_committed_whole_and_counted(pool: PgPool) {
     svc.queue.purge().await.unwrap();
 }
 
+/// A large batch is written with COPY: every value must read back as it
+/// was sent, whatever characters it holds, with its tenant.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_copied_batch_reads_back_exactly(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let awkward = "tab\there\nnew line\r\\back\\slash \\N \"quoted\" é 😀 \\.";
+    let tasks: Vec<NewTask> = (0..1_500)
+        .map(|i| {
+            let body = if i % 2 == 0 {
+                json!({"model": "m:copy/1", "prompt": format!("{awkward} {i}"), "metadata": {"k\tey": awkward, "n": i}, "params": {"stop": ["\n\n"]}, "cache": true, "max_attempts": 3, "priority": "high"})
+            } else {
+                json!({"model": "m:copy/1", "messages": [{"role": "system", "content": awkward}, {"role": "user", "content": format!("{i}")}]})
+            };
+            NewTask::from_json(&body, "").unwrap()
+        })
+        .collect();
+    let batch = NewBatch {
+        tasks: tasks.clone(),
+        metadata: None,
+    };
+    let accepted = svc
+        .submit_batch_with_key("team-x", uuid::Uuid::now_v7(), &batch, None)
+        .await
+        .unwrap();
+    let queue_core::service::Submission::New(accepted) = accepted else {
+        panic!("no key, so new");
+    };
+    for (id, sent) in accepted.ids.iter().zip(&tasks) {
+        let stored = svc.store.task(*id).await.unwrap().unwrap();
+        assert_eq!(stored.tenant, "team-x");
+        assert_eq!(stored.model, sent.model);
+        assert_eq!(stored.input.0, sent.input);
+        assert_eq!(stored.params.0, sent.params);
+        assert_eq!(stored.metadata, sent.metadata);
+        assert_eq!(
+            (stored.max_attempts, stored.cache),
+            (sent.max_attempts, sent.cache)
+        );
+        assert_eq!(stored.priority(), sent.priority);
+        assert_eq!(stored.status, TaskStatus::Queued);
+    }
+    svc.queue.purge().await.unwrap();
+}
+
 /// A statement that loses a deadlock changed nothing and succeeds when
 /// tried again, so it counts as unavailable and every store write retries
 /// it (a worker's batched completion can deadlock with its own lease
