@@ -12,7 +12,7 @@
 //! query per request. The per-key request rate is checked here, in Redis.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Request, State};
@@ -229,9 +229,9 @@ impl Auth {
     }
 
     /// A tenant's limits, set or defaulted (for callers without a key).
+    /// Only submissions ask ([`admit`]): a request that submits nothing
+    /// must not depend on a limits lookup.
     async fn tenant_limits(&self, state: &AppState, tenant: &str) -> Result<Limits, ApiError> {
-        // `resolve` never needs them: a request that submits nothing must
-        // not depend on a limits lookup.
         if let Some((limits, at)) = self.tenants.lock().expect("limits cache").get(tenant)
             && at.elapsed() < LIMITS_TTL
         {
@@ -367,6 +367,3 @@ pub async fn admit(
     }
     Ok(())
 }
-
-/// Shared by the handlers: the state's authentication.
-pub type Shared = Arc<Auth>;

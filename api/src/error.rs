@@ -75,6 +75,14 @@ impl From<JsonRejection> for ApiError {
 }
 
 impl ApiError {
+    /// A body field that is missing, unknown or out of range (422).
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::Invalid(ValidationError {
+            field: field.into(),
+            message: message.into(),
+        })
+    }
+
     pub fn bad_query(field: impl Into<String>, message: impl Into<String>) -> ApiError {
         ApiError::BadQuery {
             field: field.into(),

@@ -29,6 +29,24 @@ impl FromRequest<AppState> for JsonBody {
     }
 }
 
+/// The admin routes' bodies: a JSON object holding only `known` fields
+/// (422 naming the first other one, so a typo never passes silently).
+pub fn object_of<'a>(
+    body: &'a Value,
+    known: &[&str],
+) -> Result<&'a serde_json::Map<String, Value>, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("body", "must be a JSON object"))?;
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::invalid(
+            k.as_str(),
+            format!("unknown field; expected one of: {}", known.join(", ")),
+        )),
+        None => Ok(obj),
+    }
+}
+
 /// A JSON body as bytes, for bodies too big to hold as a tree (a batch):
 /// the content type is checked here, the JSON by whoever parses it.
 pub struct JsonBytes(pub axum::body::Bytes);

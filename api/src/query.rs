@@ -68,15 +68,7 @@ pub fn listing(query: Option<&str>, allowed: &[&str]) -> Result<Listing> {
             "error_contains" => f.error_contains = Some(v),
             "finished_after" => f.finished_after = Some(time(k, &v)?),
             "finished_before" => f.finished_before = Some(time(k, &v)?),
-            "limit" => {
-                out.limit = v
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_query(k, "limit must be an integer from 1 to 1000")
-                    })?;
-            }
+            "limit" => out.limit = limit(&v)?,
             "cursor" => out.cursor = Some(id(k, &v, "cursor must be a next_cursor value")?),
             // Handled by the route (long-poll).
             "wait" => {}
@@ -84,6 +76,14 @@ pub fn listing(query: Option<&str>, allowed: &[&str]) -> Result<Listing> {
         }
     }
     Ok(out)
+}
+
+/// A page's `limit=`: 1 to [`MAX_PAGE`].
+pub fn limit(v: &str) -> Result<i64> {
+    v.parse::<i64>()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| ApiError::bad_query("limit", "limit must be an integer from 1 to 1000"))
 }
 
 /// The `next_cursor` of a page: its last id when the page is full.

@@ -12,7 +12,7 @@ use crate::openapi::{
     AdminForbidden, AuditPage, AuditQuery, BadQuery, Internal, RateLimited, Unauthorized,
     Unavailable,
 };
-use crate::query::{self, MAX_PAGE};
+use crate::query;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list))
@@ -42,15 +42,7 @@ async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Result<Js
     let mut cursor = None;
     for (k, v) in query::pairs(q.as_deref())? {
         match k {
-            "limit" => {
-                limit = v
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_query(k, "limit must be an integer from 1 to 1000")
-                    })?;
-            }
+            "limit" => limit = query::limit(&v)?,
             "cursor" => {
                 cursor =
                     Some(v.parse::<i64>().map_err(|_| {

@@ -4,7 +4,6 @@
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use queue_core::store::DeadFilter;
-use queue_core::task::ValidationError;
 use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -12,7 +11,7 @@ use utoipa_axum::routes;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, object_of};
 use crate::openapi::{
     AdminForbidden, BadJson, BadQuery, BodyTimeout, DeadLetterFilter, DeadListQuery, Internal,
     Invalid, Purged, RateLimited, Redriven, TaskPage, TooLarge, Unauthorized, Unavailable,
@@ -40,31 +39,27 @@ const FILTER_FIELDS: &[&str] = &[
     "finished_before",
 ];
 
-fn invalid(field: &str, message: &str) -> ApiError {
-    ApiError::Invalid(ValidationError {
-        field: field.to_owned(),
-        message: message.to_owned(),
-    })
-}
-
 /// The filter of a body `{task_id?, batch_id?, model?, error_contains?,
 /// finished_after?, finished_before?}` (times in RFC 3339), at least one of
 /// them (an empty filter would take every dead letter).
 fn filter_of(body: &Value) -> Result<DeadFilter> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| invalid("body", "must be a JSON object"))?;
+    let obj = object_of(body, FILTER_FIELDS)?;
     let mut filter = DeadFilter::default();
     for (k, v) in obj {
-        let text = || v.as_str().ok_or_else(|| invalid(k, "must be a string"));
+        let text = || {
+            v.as_str()
+                .ok_or_else(|| ApiError::invalid(k, "must be a string"))
+        };
         let id = || {
-            text().and_then(|t| uuid::Uuid::parse_str(t).map_err(|_| invalid(k, "must be an id")))
+            text().and_then(|t| {
+                uuid::Uuid::parse_str(t).map_err(|_| ApiError::invalid(k, "must be an id"))
+            })
         };
         let time = || {
             text().and_then(|t| {
                 chrono::DateTime::parse_from_rfc3339(t)
                     .map(|t| t.to_utc())
-                    .map_err(|_| invalid(k, "must be an RFC 3339 time"))
+                    .map_err(|_| ApiError::invalid(k, "must be an RFC 3339 time"))
             })
         };
         match k.as_str() {
@@ -74,21 +69,13 @@ fn filter_of(body: &Value) -> Result<DeadFilter> {
             "error_contains" => filter.error_contains = Some(text()?.to_owned()),
             "finished_after" => filter.finished_after = Some(time()?),
             "finished_before" => filter.finished_before = Some(time()?),
-            _ => {
-                return Err(invalid(
-                    k,
-                    &format!(
-                        "unknown field; expected one of: {}",
-                        FILTER_FIELDS.join(", ")
-                    ),
-                ));
-            }
+            _ => unreachable!("object_of let only the filter's fields through"),
         }
     }
     if obj.is_empty() {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "body",
-            &format!("name at least one of: {}", FILTER_FIELDS.join(", ")),
+            format!("name at least one of: {}", FILTER_FIELDS.join(", ")),
         ));
     }
     Ok(filter)

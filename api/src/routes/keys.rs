@@ -5,7 +5,6 @@ use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use queue_core::access::{self, Scope};
-use queue_core::task::ValidationError;
 use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -13,7 +12,7 @@ use utoipa_axum::routes;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
-use crate::extract::{JsonBody, NamePath};
+use crate::extract::{JsonBody, NamePath, object_of};
 use crate::openapi::{
     AdminForbidden, BadId, BadJson, BadQuery, BodyTimeout, Internal, Invalid, Key, KeyList,
     KeyListQuery, KeyRequest, NewKey, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable,
@@ -25,13 +24,6 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list, create))
         .routes(routes!(revoke))
-}
-
-fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError::Invalid(ValidationError {
-        field: field.to_owned(),
-        message: message.into(),
-    })
 }
 
 /// `POST /admin/keys` `{tenant, name, scopes}`: `201` with the key, the
@@ -63,40 +55,34 @@ async fn create(
     caller: Caller,
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Value>)> {
-    let obj = body
-        .as_object()
-        .ok_or_else(|| invalid("body", "must be a JSON object"))?;
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !["tenant", "name", "scopes"].contains(&k.as_str()))
-    {
-        return Err(invalid(
-            k,
-            "unknown field; expected one of: tenant, name, scopes",
-        ));
-    }
+    let obj = object_of(&body, &["tenant", "name", "scopes"])?;
     let tenant = match obj.get("tenant") {
         Some(Value::String(t)) if access::valid_tenant(t) => t.clone(),
         Some(_) => {
-            return Err(invalid(
+            return Err(ApiError::invalid(
                 "tenant",
                 "must be 1 to 64 of a-z, 0-9, - _ . starting with a letter or digit",
             ));
         }
-        None => return Err(invalid("tenant", "is required")),
+        None => return Err(ApiError::invalid("tenant", "is required")),
     };
     let name = match obj.get("name") {
         Some(Value::String(n)) if (1..=128).contains(&n.chars().count()) => n.clone(),
-        Some(_) => return Err(invalid("name", "must be a string of 1 to 128 characters")),
-        None => return Err(invalid("name", "is required")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "name",
+                "must be a string of 1 to 128 characters",
+            ));
+        }
+        None => return Err(ApiError::invalid("name", "is required")),
     };
     let scopes = match obj.get("scopes") {
         Some(Value::Array(items)) if !items.is_empty() => {
             let mut scopes = Vec::new();
             for (i, item) in items.iter().enumerate() {
                 let scope = item.as_str().and_then(Scope::parse).ok_or_else(|| {
-                    invalid(
-                        &format!("scopes[{i}]"),
+                    ApiError::invalid(
+                        format!("scopes[{i}]"),
                         "must be one of: submit, read, cancel, admin",
                     )
                 })?;
@@ -107,12 +93,12 @@ async fn create(
             scopes
         }
         Some(_) => {
-            return Err(invalid(
+            return Err(ApiError::invalid(
                 "scopes",
                 "must be a non-empty array of: submit, read, cancel, admin",
             ));
         }
-        None => return Err(invalid("scopes", "is required")),
+        None => return Err(ApiError::invalid("scopes", "is required")),
     };
     let key = access::generate_key();
     let record = state

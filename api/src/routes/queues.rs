@@ -98,17 +98,7 @@ async fn pause(
     caller: Caller,
     NamePath(name): NamePath,
 ) -> Result<Json<Value>> {
-    if !queue_core::task::valid_model(&name) {
-        return Err(ApiError::BadId { field: "name" });
-    }
-    // Written first: nothing is done that the audit log does not show.
-    state
-        .service
-        .store
-        .audit(&caller.actor, "queue.pause", Some(&name), None)
-        .await?;
-    state.service.queue.pause(&name).await?;
-    Ok(Json(json!({"name": name, "paused": true})))
+    set_paused(&state, &caller, &name, true).await
 }
 
 #[utoipa::path(
@@ -134,14 +124,31 @@ async fn resume(
     caller: Caller,
     NamePath(name): NamePath,
 ) -> Result<Json<Value>> {
-    if !queue_core::task::valid_model(&name) {
+    set_paused(&state, &caller, &name, false).await
+}
+
+/// Pauses or resumes a queue, audited first: nothing is done that the
+/// audit log does not show.
+async fn set_paused(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    paused: bool,
+) -> Result<Json<Value>> {
+    if !queue_core::task::valid_model(name) {
         return Err(ApiError::BadId { field: "name" });
     }
-    state
-        .service
-        .store
-        .audit(&caller.actor, "queue.resume", Some(&name), None)
-        .await?;
-    state.service.queue.resume(&name).await?;
-    Ok(Json(json!({"name": name, "paused": false})))
+    let action = if paused {
+        "queue.pause"
+    } else {
+        "queue.resume"
+    };
+    let store = &state.service.store;
+    store.audit(&caller.actor, action, Some(name), None).await?;
+    if paused {
+        state.service.queue.pause(name).await?;
+    } else {
+        state.service.queue.resume(name).await?;
+    }
+    Ok(Json(json!({"name": name, "paused": paused})))
 }

@@ -4,7 +4,6 @@
 use axum::Json;
 use axum::extract::State;
 use queue_core::access::{self, Limits};
-use queue_core::task::ValidationError;
 use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -12,7 +11,7 @@ use utoipa_axum::routes;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, Result};
-use crate::extract::{JsonBody, NamePath};
+use crate::extract::{JsonBody, NamePath, object_of};
 use crate::openapi::{
     AdminForbidden, BadId, BadIdOrJson, BodyTimeout, Internal, Invalid, LimitsRequest, RateLimited,
     TenantLimits, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType,
@@ -94,27 +93,18 @@ async fn set(
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>> {
     tenant_of(&tenant)?;
-    let obj = body.as_object().ok_or_else(|| {
-        ApiError::Invalid(ValidationError {
-            field: "body".to_owned(),
-            message: "must be a JSON object".to_owned(),
-        })
-    })?;
-    const FIELDS: [&str; 3] = ["requests_per_second", "tokens_per_minute", "max_queued"];
-    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::Invalid(ValidationError {
-            field: k.clone(),
-            message: format!("unknown field; expected one of: {}", FIELDS.join(", ")),
-        }));
-    }
+    let obj = object_of(
+        &body,
+        &["requests_per_second", "tokens_per_minute", "max_queued"],
+    )?;
     let number = |field: &str, max: u64| -> Result<Option<u64>> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v.as_u64().filter(|&n| n <= max).map(Some).ok_or_else(|| {
-                ApiError::Invalid(ValidationError {
-                    field: field.to_owned(),
-                    message: format!("must be an integer from 0 to {max}, or null"),
-                })
+                ApiError::invalid(
+                    field,
+                    format!("must be an integer from 0 to {max}, or null"),
+                )
             }),
         }
     };
