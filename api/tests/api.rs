@@ -686,6 +686,21 @@ async fn long_poll_on_a_batch_answers_when_its_last_task_finishes(pool: PgPool) 
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!waiter.is_finished(), "two of three done: still waiting");
+    // A wait that ends first answers the counts as they are.
+    let start = std::time::Instant::now();
+    let (status, body) = api.get(&format!("/batches/{batch}?wait=0.3")).await;
+    assert!(start.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("in_progress"))
+    );
+    assert_eq!(
+        (
+            body["counts"]["succeeded"].as_i64(),
+            body["counts"]["queued"].as_i64()
+        ),
+        (Some(2), Some(1))
+    );
     finish_like_a_worker(&api.service, ids[2], Some(batch)).await;
     let (status, body) = tokio::time::timeout(std::time::Duration::from_secs(2), waiter)
         .await

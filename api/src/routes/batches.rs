@@ -127,7 +127,8 @@ async fn submit(
 
 /// `?wait=<seconds>` (up to 60) answers as soon as the batch completes, or
 /// with its progress when the wait ends. Each finished task of the batch
-/// wakes the waiter, which recounts at most every [`RECOUNT_EVERY`].
+/// wakes the waiter, which asks at most every [`RECOUNT_EVERY`] whether
+/// any task is left, and counts once, when it answers.
 #[utoipa::path(
     get,
     path = "/batches/{id}",
@@ -155,33 +156,41 @@ async fn show(
 ) -> Result<Json<Value>> {
     caller.need(Scope::Read)?;
     let wait = wait_param(query.as_deref())?;
-    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let watch = wait.map(|_| state.waiters.watch(id));
-    loop {
-        let woken = watch.as_ref().map(|w| w.entry.notify.notified());
-        tokio::pin!(woken);
-        if let Some(w) = woken.as_mut().as_pin_mut() {
-            w.enable();
-        }
-        // Another tenant's batch is answered exactly as an unknown one.
-        let batch = state
+    // Another tenant's batch is answered exactly as an unknown one.
+    let read = async || {
+        state
             .service
             .batch(id)
             .await?
             .filter(|b| caller.sees(&b.tenant))
-            .ok_or(ApiError::NotFound { what: "batch" })?;
-        let (Some(deadline), Some(woken)) = (deadline, woken.as_pin_mut()) else {
-            return Ok(Json(batch_view(&batch)));
-        };
-        if batch.is_complete() || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(batch_view(&batch)));
+            .ok_or(ApiError::NotFound { what: "batch" })
+    };
+    let batch = read().await?;
+    let (Some(wait), Some(watch)) = (wait, watch) else {
+        return Ok(Json(batch_view(&batch)));
+    };
+    if batch.is_complete() {
+        return Ok(Json(batch_view(&batch)));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    // While waiting, each burst of finished tasks asks only whether any is
+    // left (see `Store::batch_unfinished`); the counts are read once, at
+    // the end.
+    while tokio::time::Instant::now() < deadline {
+        let woken = watch.entry.notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if !state.service.store.batch_unfinished(id).await? {
+            break;
         }
         if tokio::time::timeout_at(deadline, woken).await.is_err() {
-            continue; // the deadline: one last count above
+            break;
         }
-        // Tasks of a batch finish in bursts; count once per burst.
-        tokio::time::sleep(RECOUNT_EVERY).await;
+        // Tasks of a batch finish in bursts; ask once per burst.
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + RECOUNT_EVERY)).await;
     }
+    Ok(Json(batch_view(&read().await?)))
 }
 
 /// `GET /batches?limit=&cursor=`: newest first, each with its counts.

@@ -58,6 +58,21 @@ impl Store {
         Ok(Some(batch))
     }
 
+    /// Whether any task of the batch has yet to finish: what a batch
+    /// long-poll asks on each burst of completions. It stops at the first
+    /// unfinished task in the `(batch_id, status)` index, where a full
+    /// count reads every task of the batch (about 23 ms for 50,000 here,
+    /// which, once per burst, took a third of a core from the workers).
+    pub async fn batch_unfinished(&self, id: Uuid) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tasks
+                             WHERE batch_id = $1 AND status IN ('scheduled', 'queued', 'running'))",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Batches newest first, after the cursor, each with its counts: one
     /// query for the page and one grouped count over its tasks (by the
     /// `tasks_batch` index).
