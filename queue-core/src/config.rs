@@ -151,6 +151,14 @@ pub struct WorkerConfig {
     #[arg(long, env = "INFERQ_CLAIM_BATCH", default_value_t = 64)]
     pub claim_batch: usize,
 
+    /// Tasks claimed ahead of a free slot, while attempts are short (under
+    /// 50 ms on average): they wait in the worker, lease held, so the next
+    /// pop and claim overlap the running tasks instead of holding slots.
+    /// With longer attempts nothing is claimed ahead, so a busy worker
+    /// never sits on tasks another replica could start.
+    #[arg(long, env = "INFERQ_PREFETCH", default_value_t = 64)]
+    pub prefetch: usize,
+
     /// Longest sleep of an idle worker, in milliseconds. New work wakes it
     /// at once (Redis pub/sub), and a retry coming due wakes it on time;
     /// this only bounds a wake-up that was missed.
@@ -243,6 +251,7 @@ impl Default for WorkerConfig {
             concurrency: 32,
             queues: Vec::new(),
             claim_batch: 64,
+            prefetch: 64,
             idle_ms: 1000,
             lease_secs: 30,
             shutdown_grace_secs: 30,

@@ -24,6 +24,21 @@ pub struct Service {
     pub queue: Queue,
     /// Single submissions go through the group-commit writer.
     group: mpsc::Sender<Pending>,
+    /// Reads of one task go through the gathering reader.
+    reads: mpsc::Sender<Read>,
+}
+
+/// Reads of one task each that wait while earlier ones run are made with
+/// one query, up to this many, with at most [`READS_IN_FLIGHT`] queries at
+/// once. Nothing waits for company: an idle reader reads at once.
+const READ_MAX: usize = 512;
+const READS_IN_FLIGHT: usize = 4;
+
+type TaskWithHistory = (TaskRecord, Vec<AttemptRecord>);
+
+struct Read {
+    id: Uuid,
+    reply: oneshot::Sender<Result<Option<TaskWithHistory>>>,
 }
 
 /// How long the first submission of a group waits for others, and the most
@@ -61,10 +76,13 @@ impl Service {
     pub fn new(store: Store, queue: Queue) -> Service {
         let (group, rx) = mpsc::channel(GROUP_MAX * 4);
         tokio::spawn(group_writer(store.clone(), queue.clone(), rx));
+        let (reads, rx) = mpsc::channel(READ_MAX * 4);
+        tokio::spawn(gathering_reader(store.clone(), rx));
         Service {
             store,
             queue,
             group,
+            reads,
         }
     }
 
@@ -202,7 +220,15 @@ impl Service {
         }
     }
 
-    pub async fn task(&self, id: Uuid) -> Result<Option<(TaskRecord, Vec<AttemptRecord>)>> {
+    /// A task and its attempts. Under load, concurrent reads (long-polls
+    /// woken by one batch of completions, most of all) share one query.
+    pub async fn task(&self, id: Uuid) -> Result<Option<TaskWithHistory>> {
+        let (reply, answer) = oneshot::channel();
+        if self.reads.send(Read { id, reply }).await.is_ok()
+            && let Ok(result) = answer.await
+        {
+            return result;
+        }
         self.store.task_with_history(id).await
     }
 
@@ -272,14 +298,61 @@ impl Service {
     }
 }
 
+/// Takes the reads waiting now (up to [`READ_MAX`]) and makes them with
+/// one query, while the next ones gather. Runs until every `Service` clone
+/// is dropped.
+async fn gathering_reader(store: Store, mut rx: mpsc::Receiver<Read>) {
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT));
+    loop {
+        // A free query first: reads that arrive meanwhile join this one.
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let Some(first) = rx.recv().await else { return };
+        let mut reads = vec![first];
+        while reads.len() < READ_MAX {
+            match rx.try_recv() {
+                Ok(r) => reads.push(r),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut ids: Vec<Uuid> = reads.iter().map(|r| r.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            match store.tasks_with_history(&ids).await {
+                Ok(found) => {
+                    let found: std::collections::HashMap<Uuid, TaskWithHistory> =
+                        found.into_iter().map(|t| (t.0.id, t)).collect();
+                    for r in reads {
+                        let _ = r.reply.send(Ok(found.get(&r.id).cloned()));
+                    }
+                }
+                Err(e) => {
+                    let shared = std::sync::Arc::new(e);
+                    for r in reads {
+                        let _ = r.reply.send(Err(crate::Error::Shared(shared.clone())));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
 /// Collects submissions for up to [`GROUP_WINDOW`] and commits each group
 /// with one statement. Runs until every `Service` clone is dropped.
 async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending>) {
     let (tx, _) = mpsc::channel(1);
+    let (reads, _) = mpsc::channel(1);
     let service = Service {
         store,
         queue,
         group: tx,
+        reads,
     };
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];

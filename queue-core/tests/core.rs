@@ -269,3 +269,57 @@ async fn a_lost_deadlock_counts_as_unavailable_so_writes_retry(pool: PgPool) {
         .expect("PostgreSQL aborts one side of the deadlock");
     assert!(queue_core::Error::from(lost).is_unavailable());
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn concurrent_reads_each_get_their_own_task_and_share_a_failure(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let task = NewTask::from_json(&json!({"model": "sim", "prompt": format!("read {i}")}), "")
+            .unwrap();
+        ids.push(svc.submit(&task).await.unwrap().ids[0]);
+    }
+    let unknown = Uuid::now_v7();
+    // Each id twice, and one nobody submitted, all at once: they are read
+    // together, and each answer is its own task's.
+    let wanted: Vec<Uuid> = ids
+        .iter()
+        .chain(ids.iter())
+        .copied()
+        .chain([unknown])
+        .collect();
+    let answers = futures::future::join_all(wanted.iter().map(|id| svc.task(*id))).await;
+    for (id, answer) in wanted.iter().zip(answers) {
+        match answer.unwrap() {
+            Some((task, history)) => {
+                assert_eq!(task.id, *id);
+                let i = ids.iter().position(|x| x == id).unwrap();
+                assert!(
+                    matches!(&task.input.0, queue_core::task::Input::Prompt(p) if *p == format!("read {i}")),
+                    "{id}: {:?}",
+                    task.input.0
+                );
+                assert!(history.is_empty(), "never run");
+            }
+            None => assert_eq!(*id, unknown),
+        }
+    }
+    // A shared read that fails fails every read in it, and none hangs.
+    sqlx::query("ALTER TABLE task_attempts RENAME TO task_attempts_gone")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let answers = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::future::join_all(ids.iter().map(|id| svc.task(*id))),
+    )
+    .await
+    .expect("every read answered");
+    assert!(answers.iter().all(|a| a.is_err()));
+    sqlx::query("ALTER TABLE task_attempts_gone RENAME TO task_attempts")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(svc.task(ids[0]).await.unwrap().is_some());
+    svc.queue.purge().await.unwrap();
+}

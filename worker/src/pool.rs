@@ -1,11 +1,14 @@
 //! The worker pool: take ids from Redis, claim them in PostgreSQL, run them
 //! on the backend, record how each attempt ended.
 //!
-//! One loop fetches: it waits for a free slot, pops up to `claim_batch` ids
-//! (as many as there are free slots) across the served queues, claims them
-//! in one UPDATE and spawns one task per claimed row. A heartbeat loop
-//! renews the leases of everything in flight in one statement, and stops
-//! any attempt that no longer holds its task.
+//! Two loops fetch: each waits for room, pops up to `claim_batch` ids (as
+//! many as there is room for) across the served queues, claims them in one
+//! UPDATE and spawns one task per claimed row. A slot (one of
+//! `concurrency`) is a backend call; while attempts are short, up to
+//! `prefetch` more tasks are claimed ahead and wait for a slot, so a
+//! fetch's round trips overlap the running tasks. A heartbeat loop renews
+//! the leases of everything in flight in one statement, and stops any
+//! attempt that no longer holds its task.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -72,6 +75,32 @@ struct Inner {
     /// Per tenant: tokens the backends reported minus what was estimated
     /// at submission, not yet given to the tenants' token limits.
     usage: Mutex<HashMap<String, i64>>,
+    /// Backend calls at once: `concurrency` permits.
+    slots: Arc<Semaphore>,
+    /// Recent attempts' mean duration in microseconds (a moving average;
+    /// `u64::MAX` until the first one): whether to claim ahead.
+    attempt_us: AtomicU64,
+    /// Tasks claimed ahead that wait for a slot.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// The next pop's turn; held while popping, so turns follow the order
+    /// in which Redis gave out ids.
+    pop_turns: tokio::sync::Mutex<u64>,
+    /// The turn whose tasks are handed on next, and its signal.
+    turn: AtomicU64,
+    turn_taken: tokio::sync::Notify,
+}
+
+/// Tasks are claimed ahead of free slots only while attempts take less
+/// than this on average: then a task waits at most about this long for its
+/// slot, and the fetch round trips (a few ms) would otherwise cost a
+/// noticeable share of each slot's time.
+const PREFETCH_BELOW: Duration = Duration::from_millis(50);
+
+/// What a claimed task holds: room in the worker, and, once it may call
+/// the backend, a slot.
+struct Held {
+    _room: OwnedSemaphorePermit,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// A worker process's pool. Cheap to clone.
@@ -102,12 +131,18 @@ impl Worker {
                 store,
                 queue,
                 router,
-                config,
                 policy,
                 in_flight: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
                 wake: Arc::new(tokio::sync::watch::Sender::new(0)),
                 usage: Mutex::new(HashMap::new()),
+                slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                attempt_us: AtomicU64::new(u64::MAX),
+                waiting: Default::default(),
+                pop_turns: tokio::sync::Mutex::new(0),
+                turn: AtomicU64::new(0),
+                turn_taken: tokio::sync::Notify::new(),
+                config,
             }),
         }
     }
@@ -143,25 +178,44 @@ impl Worker {
             inner.wake.clone(),
             inner.config.queue_list(),
         ));
-        let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
-        tracing::info!(concurrency = inner.config.concurrency, "worker started");
+        // Room for every task the worker holds: running, and claimed ahead.
+        let room = Arc::new(Semaphore::new(
+            inner.config.concurrency.max(1) + inner.config.prefetch,
+        ));
+        tracing::info!(
+            concurrency = inner.config.concurrency,
+            prefetch = inner.config.prefetch,
+            "worker started"
+        );
         metrics::gauge!("inferq_worker_concurrency").set(inner.config.concurrency as f64);
         // Fetching is round trips (a pop, then a claim) while the CPU
-        // idles: two loops overlap them. They share the slots, so together
-        // they never start more than `concurrency` calls.
+        // idles: two loops overlap them. They share the room and the slots,
+        // so together they never start more than `concurrency` calls.
+        // Tasks claimed ahead wait here for slots, in the order claimed.
+        let (ahead, waiting) = tokio::sync::mpsc::unbounded_channel();
+        let dispatcher = tokio::spawn(hand_out_slots(
+            self.inner.clone(),
+            waiting,
+            tracker.clone(),
+            shutdown.clone(),
+        ));
         let fetchers: Vec<_> = (0..FETCH_LOOPS)
             .map(|_| {
                 tokio::spawn(fetch_loop(
                     self.inner.clone(),
-                    slots.clone(),
+                    room.clone(),
                     tracker.clone(),
+                    ahead.clone(),
                     shutdown.clone(),
                 ))
             })
             .collect();
+        drop(ahead);
         for f in fetchers {
             let _ = f.await;
         }
+        // The fetchers' senders are gone: it hands back what waits, and ends.
+        let _ = dispatcher.await;
 
         wake_listener.abort();
         tracker.close();
@@ -195,15 +249,17 @@ impl Worker {
     }
 }
 
-/// Fetch loops per worker process.
+/// Fetch loops per worker process: two overlap their round trips (each
+/// claim runs while the other loop pops or claims).
 const FETCH_LOOPS: usize = 2;
 
-/// Takes free slots, fills them with claimed tasks, and sleeps when there
-/// is nothing to do, until `shutdown`.
+/// Takes room (and, for long attempts, slots), fills it with claimed
+/// tasks, and sleeps when there is nothing to do, until `shutdown`.
 async fn fetch_loop(
     inner: Arc<Inner>,
-    slots: Arc<Semaphore>,
+    room: Arc<Semaphore>,
     tracker: TaskTracker,
+    ahead: Ahead,
     shutdown: CancellationToken,
 ) {
     let mut fetcher = Fetcher::new(inner.config.queue_list());
@@ -211,32 +267,42 @@ async fn fetch_loop(
     let target = inner
         .config
         .claim_batch
-        .min(inner.config.concurrency)
+        .min(inner.config.concurrency + inner.config.prefetch)
         .max(1);
     loop {
+        let claim_ahead = inner.claims_ahead();
         let first = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
+            held = take_room(&inner, &room, claim_ahead) => held,
             () = shutdown.cancelled() => break,
         };
-        let mut permits = vec![first];
-        let gather = |permits: &mut Vec<OwnedSemaphorePermit>| {
-            while permits.len() < target {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
+        let mut held = vec![first];
+        let gather = |held: &mut Vec<Held>| {
+            while held.len() < target {
+                let Ok(r) = room.clone().try_acquire_owned() else {
+                    break;
+                };
+                let slot = if claim_ahead {
+                    None
+                } else {
+                    // Long attempts: only as many as there are free slots.
+                    match inner.slots.clone().try_acquire_owned() {
+                        Ok(s) => Some(s),
+                        Err(_) => break,
+                    }
+                };
+                held.push(Held { _room: r, slot });
             }
         };
-        gather(&mut permits);
-        // Under load slots free one at a time; a millisecond lets a few
-        // gather, so one pop and one claim serve several tasks.
-        if permits.len() < target / 4 && !tracker.is_empty() {
+        gather(&mut held);
+        // Under load room frees one task at a time; a millisecond lets a
+        // few gather, so one pop and one claim serve several tasks.
+        if held.len() < target / 4 && !tracker.is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
-            gather(&mut permits);
+            gather(&mut held);
         }
         // Announcements before this fetch are covered by it.
         woken.borrow_and_update();
-        let wait = match fetcher.fetch(&inner, permits, &tracker).await {
+        let wait = match fetcher.fetch(&inner, held, &tracker, &ahead).await {
             Ok(0) => fetcher.idle_wait(&inner).await,
             Ok(_) => {
                 fetcher.errors = 0;
@@ -257,6 +323,91 @@ async fn fetch_loop(
             _ = woken.changed() => {}
             () = shutdown.cancelled() => break,
         }
+    }
+}
+
+/// Where tasks claimed ahead go to wait for a slot.
+type Ahead = tokio::sync::mpsc::UnboundedSender<(ClaimedTask, Held)>;
+
+/// Gives tasks claimed ahead their slots, one at a time and in the order
+/// they were claimed (so priority order holds), until the fetchers are
+/// gone. After a shutdown, what still waits starts no call: it is handed
+/// back at once, for another worker.
+async fn hand_out_slots(
+    inner: Arc<Inner>,
+    mut waiting: tokio::sync::mpsc::UnboundedReceiver<(ClaimedTask, Held)>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    while let Some((task, mut held)) = waiting.recv().await {
+        tokio::select! {
+            slot = inner.slots.clone().acquire_owned() => {
+                held.slot = Some(slot.expect("never closed"));
+            }
+            () = shutdown.cancelled() => {}
+        }
+        inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        tracker.spawn(run_attempt(inner.clone(), task, held));
+    }
+}
+
+/// Room for one more task; for long attempts also a slot (taken after the
+/// room: a task claimed ahead holds room while it waits for a slot, so the
+/// other order could wait on each other).
+async fn take_room(inner: &Inner, room: &Arc<Semaphore>, ahead: bool) -> Held {
+    let r = room.clone().acquire_owned().await.expect("never closed");
+    let slot = if ahead {
+        None
+    } else {
+        Some(
+            inner
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed"),
+        )
+    };
+    Held { _room: r, slot }
+}
+
+impl Inner {
+    /// Whether to claim tasks ahead of free slots now.
+    fn claims_ahead(&self) -> bool {
+        self.config.prefetch > 0
+            && self.attempt_us.load(Ordering::Relaxed) < PREFETCH_BELOW.as_micros() as u64
+    }
+
+    /// Waits until the pops before `ticket` have handed their tasks on.
+    async fn wait_turn(&self, ticket: u64) {
+        loop {
+            let taken = self.turn_taken.notified();
+            tokio::pin!(taken);
+            taken.as_mut().enable();
+            if self.turn.load(Ordering::SeqCst) == ticket {
+                return;
+            }
+            taken.await;
+        }
+    }
+
+    /// Lets the next pop hand its tasks on. Every ticket ends exactly once,
+    /// after its own turn came.
+    fn end_turn(&self, ticket: u64) {
+        self.turn.store(ticket + 1, Ordering::SeqCst);
+        self.turn_taken.notify_waiters();
+    }
+
+    /// Adds one attempt's duration to the moving average (weight 1/8).
+    fn attempt_took(&self, took: Duration) {
+        let us = took.as_micros().min(u128::from(u64::MAX / 2)) as u64;
+        let old = self.attempt_us.load(Ordering::Relaxed);
+        let new = if old == u64::MAX {
+            us
+        } else {
+            old - old / 8 + us / 8
+        };
+        self.attempt_us.store(new, Ordering::Relaxed);
     }
 }
 
@@ -366,13 +517,14 @@ impl Fetcher {
         Ok(self.known.clone())
     }
 
-    /// Fills as many of `permits` as there is work for; returns how many
-    /// tasks started. Unused permits are dropped (freed) on return.
+    /// Fills as much of `held` as there is work for; returns how many
+    /// tasks started. Unused room and slots are freed on return.
     async fn fetch(
         &mut self,
         inner: &Arc<Inner>,
-        mut permits: Vec<OwnedSemaphorePermit>,
+        mut permits: Vec<Held>,
         tracker: &TaskTracker,
+        ahead: &Ahead,
     ) -> queue_core::Result<usize> {
         self.held_back = false;
         self.popped_stale = false;
@@ -402,25 +554,32 @@ impl Fetcher {
                     continue;
                 }
             };
-            let popped = inner.queue.pop(name, want, now_ms).await?;
-            if popped.is_empty() {
+            // Pops are taken in turn; the claims of two fetchers overlap,
+            // and their tasks are handed on in the order popped.
+            let (ticket, popped) = {
+                let mut next = inner.pop_turns.lock().await;
+                let ticket = *next;
+                *next += 1;
+                (ticket, inner.queue.pop(name, want, now_ms).await)
+            };
+            let claimed = claim_popped(inner, name, popped).await;
+            inner.wait_turn(ticket).await;
+            let claimed = match claimed {
+                Ok(c) => c,
+                Err(e) => {
+                    inner.end_turn(ticket);
+                    return Err(e);
+                }
+            };
+            if claimed.popped == 0 {
+                inner.end_turn(ticket);
                 if want == 1 {
                     route.breaker.probe_unused();
                 }
                 continue;
             }
             self.popped_stale = true;
-            let ids: Vec<Uuid> = popped.iter().map(|p| p.id).collect();
-            let mut claimed = match inner.store.claim(&ids, lease(&inner.config)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    put_back(&inner.queue, name, &popped).await;
-                    return Err(e);
-                }
-            };
-            // RETURNING order is arbitrary; run in the order Redis gave.
-            claimed.sort_by_key(|t| ids.iter().position(|id| *id == t.id));
-            for task in claimed {
+            for task in claimed.tasks {
                 let permit = permits
                     .pop()
                     .expect("never claims more than there are slots");
@@ -440,14 +599,61 @@ impl Fetcher {
                     .unwrap_or_default();
                 metrics::histogram!("inferq_task_queued_seconds", "queue" => task.model.clone())
                     .record(queued.as_secs_f64());
-                tracker.spawn(run_attempt(inner.clone(), task, permit));
+                let mut permit = permit;
+                if permit.slot.is_some() && inner.waiting.load(Ordering::SeqCst) == 0 {
+                    tracker.spawn(run_attempt(inner.clone(), task, permit));
+                } else {
+                    // Behind tasks claimed ahead, which were popped first:
+                    // it waits its turn (giving its slot to the first).
+                    permit.slot = None;
+                    inner.waiting.fetch_add(1, Ordering::SeqCst);
+                    // Never fails: the dispatcher outlives the fetcher.
+                    let _ = ahead.send((task, permit));
+                }
                 started += 1;
                 metrics::gauge!("inferq_worker_in_flight").increment(1.0);
             }
+            inner.end_turn(ticket);
         }
         self.next = self.next.wrapping_add(1);
         Ok(started)
     }
+}
+
+/// What one pop gave: how many ids, and the tasks among them claimed, in
+/// the order Redis gave them.
+struct Claimed {
+    popped: usize,
+    tasks: Vec<ClaimedTask>,
+}
+
+/// Claims what a pop took (putting the ids back if the claim fails).
+async fn claim_popped(
+    inner: &Inner,
+    name: &str,
+    popped: queue_core::Result<Vec<Popped>>,
+) -> queue_core::Result<Claimed> {
+    let popped = popped?;
+    if popped.is_empty() {
+        return Ok(Claimed {
+            popped: 0,
+            tasks: Vec::new(),
+        });
+    }
+    let ids: Vec<Uuid> = popped.iter().map(|p| p.id).collect();
+    let mut tasks = match inner.store.claim(&ids, lease(&inner.config)).await {
+        Ok(c) => c,
+        Err(e) => {
+            put_back(&inner.queue, name, &popped).await;
+            return Err(e);
+        }
+    };
+    // RETURNING order is arbitrary; run in the order Redis gave.
+    tasks.sort_by_key(|t| ids.iter().position(|id| *id == t.id));
+    Ok(Claimed {
+        popped: popped.len(),
+        tasks,
+    })
 }
 
 fn lease(config: &WorkerConfig) -> Duration {
@@ -557,7 +763,7 @@ async fn write_progress(inner: &Inner) {
 }
 
 /// Runs one attempt and records its outcome.
-async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, slot: OwnedSemaphorePermit) {
+async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, held: Held) {
     let span = tracing::info_span!(
         "task",
         task_id = %task.id,
@@ -572,6 +778,12 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, slot: OwnedSemaphoreP
             .get(&task.id)
             .map(|f| (f.stop.clone(), f.progress.clone()))
             .unwrap_or_default();
+        if held.slot.is_none() {
+            // Claimed ahead and not started before a shutdown.
+            record(&inner, &task, shutdown_release()).await;
+            forget(&inner, &task);
+            return;
+        }
         let started = Instant::now();
         let finish = match attempt(&inner, &task, &stop, progress).await {
             Some(finish) => finish,
@@ -582,14 +794,16 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, slot: OwnedSemaphoreP
                 return;
             }
         };
+        let took = started.elapsed();
+        inner.attempt_took(took);
         metrics::histogram!("inferq_task_running_seconds", "queue" => task.model.clone())
-            .record(started.elapsed().as_secs_f64());
+            .record(took.as_secs_f64());
         // A slot is a backend call: the next task may start while this
         // outcome is written (batched, a few ms). The task stays in flight
         // (lease renewed, drained on shutdown) until it is recorded; the
         // completer's bounded channel holds back a worker whose writes fall
         // behind.
-        drop(slot);
+        drop(held);
         record(&inner, &task, finish).await;
         forget(&inner, &task);
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use inferq_worker::Worker;
 use inferq_worker::backend::sim::{SimBackend, expected_text};
 use inferq_worker::backend::{Backend, BackendError, Inference, InferenceRequest};
@@ -112,6 +112,28 @@ async fn wait_running(svc: &Service, id: Uuid) {
     .await;
 }
 
+/// The sim backend, noting which task each call was for, in order.
+#[derive(Default)]
+struct Recording {
+    ids: std::sync::Mutex<Vec<Uuid>>,
+}
+
+#[async_trait::async_trait]
+impl Backend for Recording {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    async fn infer(
+        &self,
+        request: &InferenceRequest,
+        cancel: &CancellationToken,
+    ) -> Result<Inference, BackendError> {
+        self.ids.lock().unwrap().push(request.task_id);
+        SimBackend.infer(request, cancel).await
+    }
+}
+
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn strict_priority_then_fifo_with_one_slot(pool: PgPool) {
     let svc = testkit::service(pool);
@@ -126,23 +148,32 @@ async fn strict_priority_then_fifo_with_one_slot(pool: PgPool) {
             submitted.push((priority, id));
         }
     }
-    let worker = start(
-        &svc,
+    // The order of the backend calls themselves: tasks claimed together
+    // (ahead of the one slot) share a claim time, so `started_at` cannot
+    // tell their order.
+    let calls = Arc::new(Recording::default());
+    let worker = Worker::new(
+        svc.store.clone(),
+        svc.queue.clone(),
+        calls.clone(),
         WorkerConfig {
             concurrency: 1,
             idle_ms: 1000,
             ..WorkerConfig::default()
         },
     );
-    let mut done: Vec<(DateTime<Utc>, Uuid)> = Vec::new();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let worker = RunningWorker {
+        stop,
+        handle: tokio::spawn(async move { worker.run(token).await }),
+    };
     for (_, id) in &submitted {
         let (t, _) = wait_terminal(&svc, *id).await;
         assert_eq!(t.status, TaskStatus::Succeeded);
-        done.push((t.started_at.unwrap(), *id));
     }
     worker.stop().await;
-    done.sort();
-    let ran: Vec<Uuid> = done.into_iter().map(|(_, id)| id).collect();
+    let ran = calls.ids.lock().unwrap().clone();
     let want: Vec<Uuid> = ["high", "normal", "low"]
         .iter()
         .flat_map(|p| {
@@ -965,5 +996,98 @@ async fn no_task_is_claimed_twice_by_concurrent_workers(pool: PgPool) {
             "task {id} claimed more than once: {history:?}"
         );
     }
+    svc.queue.purge().await.unwrap();
+}
+
+/// How many of `ids` are in each status.
+async fn statuses(svc: &Service, ids: &[Uuid]) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for id in ids {
+        let (t, _) = svc.task(*id).await.unwrap().unwrap();
+        *out.entry(t.status.as_str()).or_default() += 1;
+    }
+    out
+}
+
+fn sim_with_latency(prompt: &str, ms: u64) -> Value {
+    json!({"model": "sim", "prompt": prompt, "params": {"sim": {"latency_ms": ms}}})
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn long_attempts_are_not_claimed_ahead_of_a_free_slot(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&svc, sim_with_latency(&format!("long{i}"), 400)).await);
+    }
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            concurrency: 1,
+            prefetch: 64,
+            ..fast_retries()
+        },
+    );
+    wait_running(&svc, ids[0]).await;
+    // Through the first attempt and into the second: one task at a time
+    // leaves the queue, so another worker could take the other four.
+    for _ in 0..6 {
+        let s = statuses(&svc, &ids).await;
+        assert_eq!(s.get("running"), Some(&1), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.stop().await;
+    svc.queue.purge().await.unwrap();
+}
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn short_attempts_are_claimed_ahead_and_handed_back_uncharged_on_shutdown(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let worker = start(
+        &svc,
+        WorkerConfig {
+            concurrency: 1,
+            prefetch: 8,
+            shutdown_grace_secs: 0,
+            ..fast_retries()
+        },
+    );
+    // Short attempts first, so the worker learns that they are short.
+    for i in 0..8 {
+        let id = submit(&svc, sim_with_latency(&format!("short{i}"), 1)).await;
+        wait_terminal(&svc, id).await;
+    }
+    let slow = submit(&svc, sim_with_latency("slow", 600_000)).await;
+    wait_running(&svc, slow).await;
+    let mut ahead = Vec::new();
+    for i in 0..5 {
+        ahead.push(submit(&svc, sim_with_latency(&format!("next{i}"), 1)).await);
+    }
+    // Claimed while the one slot is busy: they wait in the worker.
+    wait_for("tasks claimed ahead", Duration::from_secs(5), || async {
+        let s = statuses(&svc, &ahead).await;
+        (s.get("running") == Some(&5)).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let mut all = ahead.clone();
+    all.push(slow);
+    for id in &all {
+        let (t, history) = svc.task(*id).await.unwrap().unwrap();
+        assert_eq!(
+            (t.status, t.attempts),
+            (TaskStatus::Queued, 0),
+            "released, not charged"
+        );
+        assert_eq!(
+            history.last().and_then(|a| a.outcome.as_deref()),
+            Some("released")
+        );
+    }
+    assert_eq!(
+        svc.queue.depth("sim").await.unwrap(),
+        (6, 0),
+        "all back in the ready set"
+    );
     svc.queue.purge().await.unwrap();
 }

@@ -811,6 +811,37 @@ impl Store {
             .map(|r| (r.task, r.history.0)))
     }
 
+    /// [`Store::task_with_history`] for many tasks in one query (the
+    /// long-polls' reads, gathered while the previous reads ran). Unknown
+    /// ids are left out.
+    pub async fn tasks_with_history(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<(TaskRecord, Vec<AttemptRecord>)>> {
+        #[derive(sqlx::FromRow)]
+        struct WithHistory {
+            #[sqlx(flatten)]
+            task: TaskRecord,
+            history: Json<Vec<AttemptRecord>>,
+        }
+        let sql = format!(
+            "SELECT {TASK_COLUMNS},
+                    coalesce((SELECT json_agg(json_build_object(
+                                'run', a.run, 'attempt', a.attempt, 'started_at', a.started_at,
+                                'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error)
+                              ORDER BY a.id)
+                         FROM task_attempts a WHERE a.task_id = tasks.id), '[]') AS history
+               FROM tasks WHERE id = ANY($1)"
+        );
+        Ok(sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(sql))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.task, r.history.0))
+            .collect())
+    }
+
     /// Every attempt of a task, oldest first.
     pub async fn history(&self, id: Uuid) -> Result<Vec<AttemptRecord>> {
         Ok(sqlx::query_as::<_, AttemptRecord>(
