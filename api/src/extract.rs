@@ -72,21 +72,45 @@ impl FromRequest<AppState> for JsonBytes {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = tokio::time::timeout(
-            state.body_timeout,
-            axum::body::Bytes::from_request(req, state),
-        )
-        .await
-        .map_err(|_| ApiError::BodyTimeout)?
-        .map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge
-            } else {
-                ApiError::MalformedJson(rejection.body_text())
-            }
-        })?;
+        let bytes = tokio::time::timeout(state.body_timeout, collect(req, state.max_body_bytes))
+            .await
+            .map_err(|_| ApiError::BodyTimeout)??;
         Ok(JsonBytes(bytes))
     }
+}
+
+/// Most memory reserved up front for a body by its `Content-Length`.
+const RESERVE_MAX: usize = 64 << 20;
+
+/// The body in one buffer, sized by its `Content-Length` and filled as its
+/// chunks arrive: collecting the chunks first and joining them after (as
+/// `Bytes::from_request` does) holds a large batch twice at its peak.
+async fn collect(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    use axum::body::HttpBody as _;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::TooLarge);
+    }
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(RESERVE_MAX));
+    let mut body = req.into_body();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.map_err(|e| {
+            ApiError::MalformedJson(format!("failed to read the request body: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(ApiError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.into())
 }
 
 /// A path parameter that is a name (a queue, a tenant, a key id), as text:

@@ -53,6 +53,8 @@ pub struct AppState {
     pub submissions: Arc<tokio::sync::Semaphore>,
     /// Longest wait for a request body.
     pub body_timeout: std::time::Duration,
+    /// Largest request body (set by [`app`]).
+    pub max_body_bytes: usize,
 }
 
 impl AppState {
@@ -68,6 +70,7 @@ impl AppState {
             ui_dir: None,
             submissions: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_SUBMISSIONS)),
             body_timeout: std::time::Duration::from_secs(60),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
 
@@ -135,7 +138,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The whole API. `max_body_bytes` caps every request body.
-pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+pub fn app(mut state: AppState, max_body_bytes: usize) -> Router {
+    state.max_body_bytes = max_body_bytes;
     // Install the recorder before the first request counts anything.
     queue_core::telemetry::metrics();
     let Documented {
@@ -173,6 +177,9 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
 /// Submissions handled at once by default: far above what the stores
 /// commit in a few milliseconds, far below what exhausts memory.
 pub const DEFAULT_MAX_SUBMISSIONS: usize = 512;
+
+/// What `INFERQ_MAX_BODY_BYTES` defaults to.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 
 /// Overload: past `submissions` in flight, a new `POST /tasks` or
 /// `POST /batches` is answered 503 with `Retry-After` at once, before its

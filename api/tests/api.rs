@@ -384,6 +384,31 @@ async fn every_invalid_input_is_refused_naming_the_field(pool: PgPool) {
     let (status, resp) = api.post("/tasks", &huge).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
     assert_eq!(error_of(&resp).0, "body_too_large");
+    // A batch is read by its own extractor: refused by its declared length,
+    // and by what arrives when no length is declared.
+    let huge = serde_json::to_vec(
+        &json!({"tasks": [{"model": "sim", "prompt": "x".repeat(SMALL_LIMIT + 1)}]}),
+    )
+    .unwrap();
+    let declared = axum::http::Request::post("/batches")
+        .header("content-type", "application/json")
+        .header("content-length", huge.len())
+        .body(axum::body::Body::from(huge.clone()))
+        .unwrap();
+    let streamed = axum::http::Request::post("/batches")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from_stream(futures::stream::iter(
+            huge.chunks(1000)
+                .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+                .collect::<Vec<_>>(),
+        )))
+        .unwrap();
+    for req in [declared, streamed] {
+        let resp = tower::ServiceExt::oneshot(api.router.clone(), req)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
     api.assert_nothing_written("non-JSON, content type, body size")
         .await;
 }

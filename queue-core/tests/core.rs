@@ -223,7 +223,7 @@ async fn a_copied_batch_reads_back_exactly(pool: PgPool) {
         assert_eq!(stored.tenant, "team-x");
         assert_eq!(stored.model, sent.model);
         assert_eq!(stored.input.0, sent.input);
-        assert_eq!(stored.params.0, sent.params);
+        assert_eq!(stored.params.0, sent.params.to_map());
         assert_eq!(stored.metadata, sent.metadata);
         assert_eq!(
             (stored.max_attempts, stored.cache),

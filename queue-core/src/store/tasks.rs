@@ -54,10 +54,7 @@ async fn copy_tasks(
             &serde_json::to_string(&t.input).unwrap_or_default(),
         );
         buf.push('\t');
-        copy_text(
-            &mut buf,
-            &serde_json::to_string(&t.params).unwrap_or_default(),
-        );
+        copy_text(&mut buf, t.params.json());
         buf.push('\t');
         match &t.metadata {
             Some(m) => copy_text(&mut buf, &m.to_string()),
