@@ -323,3 +323,67 @@ async fn concurrent_reads_each_get_their_own_task_and_share_a_failure(pool: PgPo
     assert!(svc.task(ids[0]).await.unwrap().is_some());
     svc.queue.purge().await.unwrap();
 }
+
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn lease_renewal_skips_a_row_another_statement_holds_instead_of_waiting(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let a = svc.submit(&task("normal")).await.unwrap().ids[0];
+    let b = svc.submit(&task("normal")).await.unwrap().ids[0];
+    let short = Duration::from_secs(5);
+    let claimed = svc.store.claim(&[a, b], short).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let lease_of = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+                "SELECT lease_until FROM tasks WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (a_before, b_before) = (lease_of(a).await, lease_of(b).await);
+    // `b` is being written by someone else (as a batch of completions
+    // would), in a transaction left open.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(b)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    // Waiting for `b` would hang here until the other transaction ends.
+    let kept = tokio::time::timeout(
+        Duration::from_secs(10),
+        svc.store.renew_leases(
+            &[(a, 1), (b, 1), (Uuid::now_v7(), 1)],
+            Duration::from_secs(60),
+        ),
+    )
+    .await
+    .expect("renewal does not wait for a held row")
+    .unwrap();
+    let mut kept = kept;
+    kept.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(kept, want, "both still held; an unknown id is not");
+    assert!(lease_of(a).await > a_before, "the free row is renewed");
+    other.rollback().await.unwrap();
+    assert_eq!(
+        lease_of(b).await,
+        b_before,
+        "the held one waits for the next renewal"
+    );
+    // Next time round, with nobody holding it, `b` is renewed too; and a
+    // stale attempt is reported lost.
+    let kept = svc
+        .store
+        .renew_leases(&[(b, 1), (a, 7)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(kept, vec![b]);
+    assert!(lease_of(b).await > b_before);
+    svc.queue.purge().await.unwrap();
+}

@@ -476,10 +476,15 @@ impl Store {
         let ids: Vec<Uuid> = progress.iter().map(|p| p.0).collect();
         let attempts: Vec<i32> = progress.iter().map(|p| p.1).collect();
         let values: Vec<&Value> = progress.iter().map(|p| &p.2).collect();
+        // Skips rows another statement holds, like `renew_leases`: progress
+        // is a hint, and waiting could deadlock with a batch of completions.
         sqlx::query(
-            "UPDATE tasks t SET progress = u.progress
-               FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, progress)
-              WHERE t.id = u.id AND t.attempts = u.attempt AND t.status = 'running'",
+            "WITH free AS MATERIALIZED (
+                SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED
+             )
+             UPDATE tasks t SET progress = u.progress
+               FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, progress), free
+              WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND t.status = 'running'",
         )
         .bind(&ids)
         .bind(&attempts)
@@ -528,11 +533,24 @@ impl Store {
             return Ok(Vec::new());
         }
         let (ids, attempts): (Vec<Uuid>, Vec<i32>) = held.iter().copied().unzip();
+        // Rows another statement holds (a batch of completions, most
+        // likely) are skipped, not waited for: this statement and that one
+        // lock their rows in no particular order, and waiting could
+        // deadlock them, which PostgreSQL breaks only after a second. A
+        // skipped row is reported held (it is being written now); it is
+        // renewed, or found lost, next time.
         Ok(sqlx::query_scalar(
-            "UPDATE tasks t SET lease_until = now() + make_interval(secs => $3)
-               FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, attempt)
-              WHERE t.id = u.id AND t.attempts = u.attempt AND t.status = 'running'
-          RETURNING t.id",
+            "WITH free AS MATERIALIZED (
+                SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED
+             ), renewed AS (
+                UPDATE tasks t SET lease_until = now() + make_interval(secs => $3)
+                  FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, attempt), free
+                 WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND t.status = 'running'
+             RETURNING t.id
+             )
+             SELECT id FROM renewed
+             UNION ALL
+             SELECT id FROM tasks WHERE id = ANY($1) AND id NOT IN (SELECT id FROM free)",
         )
         .bind(&ids)
         .bind(&attempts)
