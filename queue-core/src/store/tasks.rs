@@ -848,7 +848,11 @@ impl Store {
                          FROM task_attempts a WHERE a.task_id = tasks.id), '[]') AS history
                FROM tasks WHERE id = ANY($1)"
         );
+        // Planned at each call, not once per connection: a plan cached
+        // while `tasks` was nearly empty scans the whole table, and only an
+        // ANALYZE (autovacuum, where it runs) would replace it.
         Ok(sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(sql))
+            .persistent(false)
             .bind(ids)
             .fetch_all(&self.pool)
             .await?
