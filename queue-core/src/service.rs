@@ -325,10 +325,23 @@ async fn gathering_reader(store: Store, mut rx: mpsc::Receiver<Read>) {
             ids.dedup();
             match store.tasks_with_history(&ids).await {
                 Ok(found) => {
-                    let found: std::collections::HashMap<Uuid, TaskWithHistory> =
+                    let mut found: std::collections::HashMap<Uuid, TaskWithHistory> =
                         found.into_iter().map(|t| (t.0.id, t)).collect();
+                    let mut readers: std::collections::HashMap<Uuid, usize> = Default::default();
+                    for r in &reads {
+                        *readers.entry(r.id).or_default() += 1;
+                    }
+                    // Copied only for a task read more than once; the last
+                    // of its readers takes it (a result can be large).
                     for r in reads {
-                        let _ = r.reply.send(Ok(found.get(&r.id).cloned()));
+                        let left = readers.get_mut(&r.id).expect("counted");
+                        *left -= 1;
+                        let task = if *left == 0 {
+                            found.remove(&r.id)
+                        } else {
+                            found.get(&r.id).cloned()
+                        };
+                        let _ = r.reply.send(Ok(task));
                     }
                 }
                 Err(e) => {

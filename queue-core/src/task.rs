@@ -176,7 +176,11 @@ pub struct Params {
 
 impl Params {
     fn of(map: &Map<String, Value>) -> Params {
-        let text = serde_json::to_string(map).expect("a map serializes");
+        Params::with_text(map, serde_json::to_string(map).expect("a map serializes"))
+    }
+
+    /// `map` with its compact JSON `text`, already made.
+    fn with_text(map: &Map<String, Value>, text: String) -> Params {
         Params {
             raw: serde_json::value::RawValue::from_string(text).expect("valid JSON"),
             max_tokens: map.get("max_tokens").and_then(Value::as_u64),
@@ -440,7 +444,8 @@ impl NewTask {
             Some(v @ Value::Object(p)) => {
                 let field = join(prefix, "params");
                 check_depth(v, &field)?;
-                let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+                let text = serde_json::to_string(v).expect("a value serializes");
+                let size = text.len();
                 if size > MAX_PARAMS_BYTES {
                     return Err(ValidationError::new(
                         field,
@@ -448,7 +453,7 @@ impl NewTask {
                     ));
                 }
                 check_params(p, &field)?;
-                Params::of(p)
+                Params::with_text(p, text)
             }
             Some(_) => {
                 return Err(ValidationError::new(

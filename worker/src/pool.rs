@@ -580,9 +580,9 @@ impl Fetcher {
             }
             self.popped_stale = true;
             for task in claimed.tasks {
-                let permit = permits
+                let mut permit = permits
                     .pop()
-                    .expect("never claims more than there are slots");
+                    .expect("never claims more than there is room for");
                 inner.in_flight.lock().expect("lock").insert(
                     task.id,
                     InFlight {
@@ -599,7 +599,6 @@ impl Fetcher {
                     .unwrap_or_default();
                 metrics::histogram!("inferq_task_queued_seconds", "queue" => task.model.clone())
                     .record(queued.as_secs_f64());
-                let mut permit = permit;
                 if permit.slot.is_some() && inner.waiting.load(Ordering::SeqCst) == 0 {
                     tracker.spawn(run_attempt(inner.clone(), task, permit));
                 } else {

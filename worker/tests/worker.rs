@@ -37,12 +37,11 @@ impl RunningWorker {
 }
 
 fn start(svc: &Service, config: WorkerConfig) -> RunningWorker {
-    let worker = Worker::new(
-        svc.store.clone(),
-        svc.queue.clone(),
-        Arc::new(SimBackend),
-        config,
-    );
+    start_with(svc, Arc::new(SimBackend), config)
+}
+
+fn start_with(svc: &Service, backend: Arc<dyn Backend>, config: WorkerConfig) -> RunningWorker {
+    let worker = Worker::new(svc.store.clone(), svc.queue.clone(), backend, config);
     let stop = CancellationToken::new();
     let token = stop.clone();
     let handle = tokio::spawn(async move { worker.run(token).await });
@@ -152,9 +151,8 @@ async fn strict_priority_then_fifo_with_one_slot(pool: PgPool) {
     // (ahead of the one slot) share a claim time, so `started_at` cannot
     // tell their order.
     let calls = Arc::new(Recording::default());
-    let worker = Worker::new(
-        svc.store.clone(),
-        svc.queue.clone(),
+    let worker = start_with(
+        &svc,
         calls.clone(),
         WorkerConfig {
             concurrency: 1,
@@ -162,12 +160,6 @@ async fn strict_priority_then_fifo_with_one_slot(pool: PgPool) {
             ..WorkerConfig::default()
         },
     );
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let worker = RunningWorker {
-        stop,
-        handle: tokio::spawn(async move { worker.run(token).await }),
-    };
     for (_, id) in &submitted {
         let (t, _) = wait_terminal(&svc, *id).await;
         assert_eq!(t.status, TaskStatus::Succeeded);

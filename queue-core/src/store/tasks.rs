@@ -798,37 +798,17 @@ impl Store {
             .await?)
     }
 
-    /// A task with every attempt of it, oldest first, in one query (a
-    /// long-poll reads this twice per task: it is on the hot path).
+    /// A task with every attempt of it, oldest first, in one query.
     pub async fn task_with_history(
         &self,
         id: Uuid,
     ) -> Result<Option<(TaskRecord, Vec<AttemptRecord>)>> {
-        #[derive(sqlx::FromRow)]
-        struct WithHistory {
-            #[sqlx(flatten)]
-            task: TaskRecord,
-            history: Json<Vec<AttemptRecord>>,
-        }
-        let sql = format!(
-            "SELECT {TASK_COLUMNS},
-                    coalesce((SELECT json_agg(json_build_object(
-                                'run', a.run, 'attempt', a.attempt, 'started_at', a.started_at,
-                                'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error)
-                              ORDER BY a.id)
-                         FROM task_attempts a WHERE a.task_id = tasks.id), '[]') AS history
-               FROM tasks WHERE id = $1"
-        );
-        Ok(sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| (r.task, r.history.0)))
+        Ok(self.tasks_with_history(&[id]).await?.pop())
     }
 
-    /// [`Store::task_with_history`] for many tasks in one query (the
-    /// long-polls' reads, gathered while the previous reads ran). Unknown
-    /// ids are left out.
+    /// Tasks with every attempt of each, oldest first, in one query (the
+    /// long-polls' reads, gathered while the previous reads ran: the hot
+    /// path). Unknown ids are left out.
     pub async fn tasks_with_history(
         &self,
         ids: &[Uuid],
