@@ -387,3 +387,217 @@ async fn lease_renewal_skips_a_row_another_statement_holds_instead_of_waiting(po
     assert!(lease_of(b).await > b_before);
     svc.queue.purge().await.unwrap();
 }
+
+/// `(run, attempt, outcome, error, finished)` of each attempt, oldest first,
+/// read both ways a client can get it (the shared read and the history
+/// read), which must agree.
+async fn attempts_of(
+    svc: &queue_core::Service,
+    id: Uuid,
+) -> Vec<(i32, i32, Option<String>, Option<String>, bool)> {
+    let (_, shared) = svc.task(id).await.unwrap().unwrap();
+    let direct = svc.store.history(id).await.unwrap();
+    let brief = |h: &[queue_core::task::AttemptRecord]| -> Vec<_> {
+        h.iter()
+            .map(|a| {
+                assert!(a.finished_at.is_none_or(|f| f >= a.started_at));
+                (
+                    a.run,
+                    a.attempt,
+                    a.outcome.clone(),
+                    a.error.clone(),
+                    a.finished_at.is_some(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        brief(&shared),
+        brief(&direct),
+        "the two reads of the history differ"
+    );
+    brief(&direct)
+}
+
+fn some(s: &str) -> Option<String> {
+    Some(s.to_owned())
+}
+
+/// The attempt a task is on, or the one that ended it, lives in the task's
+/// row; the others are stored rows. The history a client reads must still
+/// list every attempt, in order, however each ended: released, retried,
+/// lost with its lease, dead-lettered, re-driven, cancelled, succeeded.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let lease = Duration::from_secs(30);
+    let lost = "lease expired: the worker running it stopped answering";
+    let two =
+        NewTask::from_json(&json!({"model": "m", "prompt": "p", "max_attempts": 2}), "").unwrap();
+    let id = svc.submit(&two).await.unwrap().ids[0];
+    assert_eq!(attempts_of(&svc, id).await, vec![]);
+
+    svc.store.claim(&[id], lease).await.unwrap();
+    assert_eq!(attempts_of(&svc, id).await, vec![(1, 1, None, None, false)]);
+    let released = Finish::Released {
+        reason: "shutdown".into(),
+    };
+    assert!(svc.store.finish(id, 1, &released).await.unwrap());
+    let mut want = vec![(1, 1, some("released"), some("shutdown"), true)];
+    assert_eq!(attempts_of(&svc, id).await, want);
+
+    // The released attempt is not charged: the next one is attempt 1 again.
+    svc.store.claim(&[id], lease).await.unwrap();
+    let retry = Finish::Retry {
+        error: "e1".into(),
+        run_at: chrono::Utc::now(),
+    };
+    assert!(svc.store.finish(id, 1, &retry).await.unwrap());
+    want.push((1, 1, some("retry"), some("e1"), true));
+    assert_eq!(attempts_of(&svc, id).await, want);
+
+    // Attempt 2, the last, is lost with its lease: a dead letter.
+    svc.store.claim(&[id], Duration::ZERO).await.unwrap();
+    assert_eq!(
+        attempts_of(&svc, id).await.last(),
+        Some(&(1, 2, None, None, false))
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(svc.store.reap_expired(10).await.unwrap().len(), 1);
+    want.push((1, 2, some("failed"), some(lost), true));
+    assert_eq!(attempts_of(&svc, id).await, want);
+
+    // Re-driven: run 2 starts at attempt 1, run 1 stays as it was.
+    let only = queue_core::store::DeadFilter {
+        task_id: Some(id),
+        ..Default::default()
+    };
+    assert_eq!(svc.store.redrive(&only, 10).await.unwrap().len(), 1);
+    assert_eq!(attempts_of(&svc, id).await, want);
+    svc.store.claim(&[id], lease).await.unwrap();
+    let result = json!({"text": "ok"});
+    assert_eq!(
+        svc.store
+            .finish_succeeded_many(&[(id, 1, &result)])
+            .await
+            .unwrap(),
+        vec![id]
+    );
+    want.push((2, 1, some("succeeded"), None, true));
+    assert_eq!(attempts_of(&svc, id).await, want);
+    // A late write of an attempt that ended changes nothing.
+    assert!(
+        !svc.store
+            .finish(
+                id,
+                1,
+                &Finish::Failed {
+                    error: "late".into()
+                }
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(attempts_of(&svc, id).await, want);
+
+    // Requeued after a lost lease, then cancelled while waiting: the lost
+    // attempt is its only one. Cancelled while running: that attempt is.
+    let a = svc.submit(&task("normal")).await.unwrap().ids[0];
+    svc.store.claim(&[a], Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    svc.store.reap_expired(10).await.unwrap();
+    svc.cancel(a, None).await.unwrap();
+    assert_eq!(
+        attempts_of(&svc, a).await,
+        vec![(1, 1, some("lease_expired"), some(lost), true)]
+    );
+    let b = svc.submit(&task("normal")).await.unwrap().ids[0];
+    svc.store.claim(&[b], lease).await.unwrap();
+    svc.cancel(b, None).await.unwrap();
+    assert_eq!(
+        attempts_of(&svc, b).await,
+        vec![(1, 1, some("cancelled"), None, true)]
+    );
+
+    // What this layout is for: a task that succeeds at once writes no
+    // attempt row, only its claim and its completion.
+    let c = svc.submit(&task("normal")).await.unwrap().ids[0];
+    svc.store.claim(&[c], lease).await.unwrap();
+    svc.store
+        .finish_succeeded_many(&[(c, 1, &result)])
+        .await
+        .unwrap();
+    assert_eq!(
+        attempts_of(&svc, c).await,
+        vec![(1, 1, some("succeeded"), None, true)]
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE task_id = $1")
+        .bind(c)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    svc.queue.purge().await.unwrap();
+}
+
+/// Migration 0006 moves attempts that are open at the upgrade into their
+/// task's row: the history reads the same before and after, and the
+/// attempt's end is recorded once, by the new code.
+#[sqlx::test(migrations = false)]
+async fn attempts_open_at_the_upgrade_move_into_their_task_row(pool: PgPool) {
+    let apply = |versions: std::ops::RangeInclusive<i64>| {
+        let pool = pool.clone();
+        async move {
+            for m in queue_core::MIGRATOR
+                .iter()
+                .filter(|m| versions.contains(&m.version))
+            {
+                sqlx::raw_sql(m.sql.clone()).execute(&pool).await.unwrap();
+            }
+        }
+    };
+    apply(1..=5).await;
+    // As the code before 0006 left them: one task running (its attempt row
+    // open), one that succeeded (its row closed).
+    let (running, done) = (Uuid::now_v7(), Uuid::now_v7());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO tasks (id, model, priority, status, input, attempts, max_attempts, started_at, lease_until)
+         VALUES ('{running}', 'm', 1, 'running', '{{\"prompt\":\"p\"}}', 2, 5, now(), now() + interval '1 minute'),
+                ('{done}', 'm', 1, 'succeeded', '{{\"prompt\":\"p\"}}', 1, 5, now(), NULL);
+         INSERT INTO task_attempts (task_id, attempt, started_at, finished_at, outcome, error) VALUES
+                ('{running}', 1, now() - interval '1 minute', now(), 'retry', 'e1'),
+                ('{running}', 2, now() - interval '10 seconds', NULL, NULL, NULL),
+                ('{done}', 1, now() - interval '1 minute', now(), 'succeeded', NULL);"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    apply(6..=6).await;
+    let svc = testkit::service(pool.clone());
+    assert_eq!(
+        attempts_of(&svc, running).await,
+        vec![
+            (1, 1, some("retry"), some("e1"), true),
+            (1, 2, None, None, false)
+        ]
+    );
+    assert_eq!(
+        attempts_of(&svc, done).await,
+        vec![(1, 1, some("succeeded"), None, true)]
+    );
+    let result = json!({"text": "ok"});
+    assert_eq!(
+        svc.store
+            .finish_succeeded_many(&[(running, 2, &result)])
+            .await
+            .unwrap(),
+        vec![running]
+    );
+    assert_eq!(
+        attempts_of(&svc, running).await,
+        vec![
+            (1, 1, some("retry"), some("e1"), true),
+            (1, 2, some("succeeded"), None, true)
+        ]
+    );
+}

@@ -80,12 +80,15 @@ impl Store {
                        finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                        lease_until = NULL
                   FROM expired WHERE tasks.id = expired.id
-             RETURNING tasks.id, tasks.batch_id, tasks.model, tasks.priority, tasks.status, tasks.attempts, tasks.created_at
+             RETURNING tasks.id, tasks.batch_id, tasks.model, tasks.priority, tasks.status, tasks.run,
+                       tasks.attempts, tasks.attempt_started_at, tasks.created_at
              ), h AS (
-                UPDATE task_attempts a SET finished_at = now(),
-                       outcome = CASE WHEN t.status = 'failed' THEN 'failed' ELSE 'lease_expired' END,
-                       error = 'lease expired: the worker running it stopped answering'
-                  FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                -- Requeued: the lost attempt joins the stored history. Failed:
+                -- the task row keeps describing it (see `store::tasks`).
+                INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
+                SELECT id, run, attempts, attempt_started_at, now(), 'lease_expired',
+                       'lease expired: the worker running it stopped answering'
+                  FROM t WHERE status = 'queued'
              )
              SELECT id, batch_id, model, priority, status, created_at FROM t",
         )

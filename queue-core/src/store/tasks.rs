@@ -101,6 +101,34 @@ const DEAD_MATCH: &str = "status = 'failed'
 const TASK_COLUMNS: &str = "id, tenant, batch_id, model, priority, status, input, params, metadata, \
      attempts, max_attempts, run, result, error, run_at, cache, progress, created_at, started_at, finished_at";
 
+/// Whether the task row in scope as `tasks` describes an attempt no stored
+/// attempt row does: the one running, or the one that ended the task.
+/// `task_attempts` keeps only attempts that ended without ending their task
+/// (retried, lease expired, released), so the common case, a task that
+/// succeeds at once, costs two row writes: its claim and its completion.
+/// (A released attempt's row shares its number with the attempt after it.)
+const ROW_ATTEMPT: &str = "tasks.attempts > 0 AND tasks.attempt_started_at IS NOT NULL
+    AND tasks.status IN ('running', 'succeeded', 'failed', 'cancelled')
+    AND NOT EXISTS (SELECT 1 FROM task_attempts s
+                     WHERE s.task_id = tasks.id AND s.run = tasks.run AND s.attempt = tasks.attempts
+                       AND s.outcome IS DISTINCT FROM 'released')";
+
+/// Every attempt of the task in scope as `tasks`: the stored rows, then the
+/// one its own row describes; ordered by `seq` (nulls last).
+fn history_sql() -> String {
+    format!(
+        "SELECT a.run, a.attempt, a.started_at, a.finished_at, a.outcome, a.error, a.id AS seq
+           FROM task_attempts a WHERE a.task_id = tasks.id
+         UNION ALL
+         SELECT tasks.run, tasks.attempts, tasks.attempt_started_at,
+                CASE WHEN tasks.status <> 'running' THEN tasks.finished_at END,
+                CASE WHEN tasks.status <> 'running' THEN tasks.status END,
+                CASE WHEN tasks.status = 'failed' THEN tasks.error END,
+                NULL
+          WHERE {ROW_ATTEMPT}"
+    )
+}
+
 /// A task a worker now holds, with what it needs to run it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ClaimedTask {
@@ -360,8 +388,9 @@ impl Store {
         )
     }
 
-    /// Takes the tasks among `ids` that are still waiting to run, marks them
-    /// running under a lease and opens an attempt row for each. Ids already
+    /// Takes the tasks among `ids` that are still waiting to run and marks
+    /// them running under a lease (the attempt is described by the task row
+    /// until it ends: see [`HISTORY`]). Ids already
     /// claimed, cancelled or finished are skipped, which is what makes a
     /// duplicate id in Redis harmless. A scheduled task is claimable once it
     /// is due (with a second of grace for clock skew between hosts).
@@ -373,14 +402,12 @@ impl Store {
             "WITH claimed AS (
                 UPDATE tasks
                    SET status = 'running', attempts = attempts + 1, run_at = NULL,
-                       started_at = coalesce(started_at, now()),
+                       started_at = coalesce(started_at, now()), attempt_started_at = now(),
                        lease_until = now() + make_interval(secs => $2)
                  WHERE id = ANY($1)
                    AND (status = 'queued'
                         OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
              RETURNING id, tenant, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at, run
-             ), opened AS (
-                INSERT INTO task_attempts (task_id, attempt, run) SELECT id, attempts, run FROM claimed
              )
              SELECT * FROM claimed",
         )
@@ -402,10 +429,7 @@ impl Store {
                     UPDATE tasks SET status = 'succeeded', result = $3, error = NULL, progress = NULL,
                                      finished_at = now(), lease_until = NULL
                      WHERE id = $1 AND attempts = $2 AND status = 'running'
-                 RETURNING id, attempts
-                 ), h AS (
-                    UPDATE task_attempts a SET finished_at = now(), outcome = 'succeeded'
-                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                 RETURNING id
                  )
                  SELECT count(*) FROM t",
             )
@@ -422,11 +446,11 @@ impl Store {
                            finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                            error = $3, lease_until = NULL
                      WHERE id = $1 AND attempts = $2 AND status = 'running'
-                 RETURNING id, attempts, status
+                 RETURNING id, run, attempts, attempt_started_at, status
                  ), h AS (
-                    UPDATE task_attempts a SET finished_at = now(),
-                           outcome = CASE WHEN t.status = 'failed' THEN 'failed' ELSE 'retry' END, error = $3
-                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                    INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
+                    SELECT id, run, attempts, attempt_started_at, now(), 'retry', $3 FROM t
+                     WHERE status <> 'failed'
                  )
                  SELECT count(*) FROM t",
             )
@@ -438,10 +462,7 @@ impl Store {
                 "WITH t AS (
                     UPDATE tasks SET status = 'failed', error = $3, finished_at = now(), lease_until = NULL
                      WHERE id = $1 AND attempts = $2 AND status = 'running'
-                 RETURNING id, attempts
-                 ), h AS (
-                    UPDATE task_attempts a SET finished_at = now(), outcome = 'failed', error = $3
-                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                 RETURNING id
                  )
                  SELECT count(*) FROM t",
             )
@@ -452,10 +473,10 @@ impl Store {
                 "WITH t AS (
                     UPDATE tasks SET status = 'queued', attempts = attempts - 1, lease_until = NULL
                      WHERE id = $1 AND attempts = $2 AND status = 'running'
-                 RETURNING id, attempts + 1 AS attempt
+                 RETURNING id, run, attempts + 1 AS attempt, attempt_started_at
                  ), h AS (
-                    UPDATE task_attempts a SET finished_at = now(), outcome = 'released', error = $3
-                      FROM t WHERE a.task_id = t.id AND a.attempt = t.attempt AND a.finished_at IS NULL
+                    INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
+                    SELECT id, run, attempt, attempt_started_at, now(), 'released', $3 FROM t
                  )
                  SELECT count(*) FROM t",
             )
@@ -585,11 +606,11 @@ impl Store {
                        finished_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN now() END,
                        error = u.error, lease_until = NULL
                   FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND tasks.status = 'running'
-             RETURNING tasks.id, tasks.attempts, tasks.status, u.error
+             RETURNING tasks.id, tasks.run, tasks.attempts, tasks.attempt_started_at, tasks.status, u.error
              ), h AS (
-                UPDATE task_attempts a SET finished_at = now(),
-                       outcome = CASE WHEN t.status = 'failed' THEN 'failed' ELSE 'retry' END, error = t.error
-                  FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+                INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
+                SELECT id, run, attempts, attempt_started_at, now(), 'retry', error FROM t
+                 WHERE status <> 'failed'
              )
              SELECT id, status FROM t",
         )
@@ -618,10 +639,7 @@ impl Store {
                 UPDATE tasks SET status = 'succeeded', result = u.result, error = NULL, progress = NULL,
                                  finished_at = now(), lease_until = NULL
                   FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND tasks.status = 'running'
-             RETURNING tasks.id, tasks.attempts
-             ), h AS (
-                UPDATE task_attempts a SET finished_at = now(), outcome = 'succeeded'
-                  FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
+             RETURNING tasks.id
              )
              SELECT id FROM t",
         )
@@ -642,9 +660,17 @@ impl Store {
                  WHERE {DEAD_MATCH}
                  ORDER BY id LIMIT $7
                  FOR UPDATE SKIP LOCKED
+             ), kept AS (
+                -- The attempt that dead-lettered it moves from the task row
+                -- into the stored history before the new run starts.
+                INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
+                SELECT tasks.id, tasks.run, tasks.attempts, tasks.attempt_started_at, tasks.finished_at,
+                       'failed', tasks.error
+                  FROM tasks JOIN picked USING (id) WHERE {ROW_ATTEMPT}
              )
              UPDATE tasks SET status = 'queued', attempts = 0, run = run + 1, error = NULL,
-                              result = NULL, finished_at = NULL, run_at = NULL
+                              result = NULL, finished_at = NULL, run_at = NULL,
+                              attempt_started_at = NULL
                FROM picked WHERE tasks.id = picked.id
              RETURNING tasks.id, tasks.model, tasks.priority, tasks.created_at"
         );
@@ -717,9 +743,6 @@ impl Store {
                  WHERE id = $1 AND status IN ('queued', 'scheduled', 'running')
                    AND ($2::text IS NULL OR tenant = $2)
              RETURNING {TASK_COLUMNS}
-             ), h AS (
-                UPDATE task_attempts a SET finished_at = now(), outcome = 'cancelled'
-                  FROM t WHERE a.task_id = t.id AND a.attempt = t.attempts AND a.finished_at IS NULL
              )
              SELECT * FROM t"
         );
@@ -822,11 +845,12 @@ impl Store {
         let sql = format!(
             "SELECT {TASK_COLUMNS},
                     coalesce((SELECT json_agg(json_build_object(
-                                'run', a.run, 'attempt', a.attempt, 'started_at', a.started_at,
-                                'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error)
-                              ORDER BY a.id)
-                         FROM task_attempts a WHERE a.task_id = tasks.id), '[]') AS history
-               FROM tasks WHERE id = ANY($1)"
+                                'run', h.run, 'attempt', h.attempt, 'started_at', h.started_at,
+                                'finished_at', h.finished_at, 'outcome', h.outcome, 'error', h.error)
+                              ORDER BY h.seq NULLS LAST)
+                         FROM ({history}) h), '[]') AS history
+               FROM tasks WHERE id = ANY($1)",
+            history = history_sql()
         );
         // Planned at each call, not once per connection: a plan cached
         // while `tasks` was nearly empty scans the whole table, and only an
@@ -843,13 +867,16 @@ impl Store {
 
     /// Every attempt of a task, oldest first.
     pub async fn history(&self, id: Uuid) -> Result<Vec<AttemptRecord>> {
-        Ok(sqlx::query_as::<_, AttemptRecord>(
-            "SELECT run, attempt, started_at, finished_at, outcome, error
-               FROM task_attempts WHERE task_id = $1 ORDER BY id",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?)
+        let sql = format!(
+            "SELECT h.run, h.attempt, h.started_at, h.finished_at, h.outcome, h.error
+               FROM tasks, LATERAL ({history}) h
+              WHERE tasks.id = $1 ORDER BY h.seq NULLS LAST",
+            history = history_sql()
+        );
+        Ok(sqlx::query_as::<_, AttemptRecord>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Running tasks per queue. Uses the partial index over running tasks,
