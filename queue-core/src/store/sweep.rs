@@ -100,15 +100,26 @@ impl Store {
     /// One page of waiting (queued or scheduled) tasks after `after`, in id
     /// order: the reconciler walks the whole set a page at a time.
     pub async fn waiting_page(&self, after: Uuid, limit: i64) -> Result<Vec<Waiting>> {
-        Ok(sqlx::query_as::<_, Waiting>(
+        let mut tx = self.pool.begin().await?;
+        // Walk `tasks_waiting` in id order and stop at the page's end. On a
+        // table never analyzed (no autovacuum yet, or none at all) the
+        // planner guesses a few dozen waiting rows and picks a bitmap scan
+        // that reads every waiting task, then sorts: 20 ms for 20,000
+        // waiting tasks here, about a second for W5's million, every sweep.
+        sqlx::query("SET LOCAL enable_bitmapscan = off")
+            .execute(&mut *tx)
+            .await?;
+        let page = sqlx::query_as::<_, Waiting>(
             "SELECT id, model, priority, status, run_at, created_at FROM tasks
               WHERE status IN ('queued', 'scheduled') AND id > $1
               ORDER BY id LIMIT $2",
         )
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(page)
     }
 
     /// Deletes finished tasks (with their attempts) that finished more than
