@@ -278,26 +278,26 @@ async fn insert_chunk<'e, E: sqlx::PgExecutor<'e>>(
         caches.push(row.task.cache);
     }
     Ok(sqlx::query_scalar(
-            "WITH ins AS (
-                INSERT INTO tasks (id, tenant, batch_id, model, priority, status, input, params, metadata, max_attempts, cache, created_at)
-                SELECT u.id, u.tenant, $2, u.model, u.priority, 'queued', u.input, u.params, u.metadata, u.max_attempts, u.cache, now()
-                FROM UNNEST($1::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int4[], $9::bool[], $10::text[])
-                  AS u(id, model, priority, input, params, metadata, max_attempts, cache, tenant)
-             )
-             SELECT now()",
-        )
-        .bind(&ids)
-        .bind(batch_id)
-        .bind(&models)
-        .bind(&priorities)
-        .bind(&inputs)
-        .bind(&params)
-        .bind(&metadata)
-        .bind(&max_attempts)
-        .bind(&caches)
-        .bind(&tenants)
-        .fetch_one(exec)
-        .await?)
+        "WITH ins AS (
+            INSERT INTO tasks (id, tenant, batch_id, model, priority, status, input, params, metadata, max_attempts, cache, created_at)
+            SELECT u.id, u.tenant, $2, u.model, u.priority, 'queued', u.input, u.params, u.metadata, u.max_attempts, u.cache, now()
+            FROM UNNEST($1::uuid[], $3::text[], $4::int2[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int4[], $9::bool[], $10::text[])
+              AS u(id, model, priority, input, params, metadata, max_attempts, cache, tenant)
+         )
+         SELECT now()",
+    )
+    .bind(&ids)
+    .bind(batch_id)
+    .bind(&models)
+    .bind(&priorities)
+    .bind(&inputs)
+    .bind(&params)
+    .bind(&metadata)
+    .bind(&max_attempts)
+    .bind(&caches)
+    .bind(&tenants)
+    .fetch_one(exec)
+    .await?)
 }
 
 /// The part of a new task that is stored; ids are given by the caller so the
