@@ -608,20 +608,14 @@ impl Backend for PanicsOnce {
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn a_panic_in_the_backend_fails_that_attempt_and_the_worker_lives_on(pool: PgPool) {
     let svc = testkit::service(pool);
-    let worker = Worker::new(
-        svc.store.clone(),
-        svc.queue.clone(),
+    let worker = start_with(
+        &svc,
         Arc::new(PanicsOnce),
         WorkerConfig {
             retry_initial_ms: 20,
             ..fast_retries()
         },
     );
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn({
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(submit(&svc, json!({"model": "sim", "prompt": format!("p{i}")})).await);
@@ -636,9 +630,8 @@ async fn a_panic_in_the_backend_fails_that_attempt_and_the_worker_lives_on(pool:
                 .contains("backend panicked: backend bug on attempt 1")
         );
     }
-    assert!(!handle.is_finished(), "the worker is still running");
-    stop.cancel();
-    handle.await.unwrap();
+    assert!(!worker.handle.is_finished(), "the worker is still running");
+    worker.stop().await;
     svc.queue.purge().await.unwrap();
 }
 
@@ -787,9 +780,8 @@ impl Backend for Flaky {
 async fn redriving_1000_dead_letters_runs_them_again_with_their_history(pool: PgPool) {
     let svc = testkit::service(pool);
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let worker = Worker::new(
-        svc.store.clone(),
-        svc.queue.clone(),
+    let worker = start_with(
+        &svc,
         Arc::new(Flaky {
             broken: broken.clone(),
         }),
@@ -798,11 +790,6 @@ async fn redriving_1000_dead_letters_runs_them_again_with_their_history(pool: Pg
             ..fast_retries()
         },
     );
-    let stop = CancellationToken::new();
-    let handle = tokio::spawn({
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
     let (batch_id, accepted) = submit_sim_batch(&svc, 1000, "d").await;
     wait_for("all to fail", Duration::from_secs(60), || async {
         let b = svc.batch(batch_id).await.unwrap().unwrap();
@@ -825,8 +812,7 @@ async fn redriving_1000_dead_letters_runs_them_again_with_their_history(pool: Pg
         },
     )
     .await;
-    stop.cancel();
-    handle.await.unwrap();
+    worker.stop().await;
     assert_eq!(b.count(TaskStatus::Succeeded), 1000);
     for id in [accepted.ids[0], accepted.ids[999]] {
         let (t, h) = svc.task(id).await.unwrap().unwrap();
