@@ -80,6 +80,14 @@ impl Sweeper {
         self
     }
 
+    /// Retention's first look waits `delay`: a worker that starts (and
+    /// takes the lead) does not begin with a scan of every finished task
+    /// while it starts draining.
+    pub fn first_retention_in(mut self, delay: Duration) -> Sweeper {
+        self.retention_due = Some(std::time::Instant::now() + delay);
+        self
+    }
+
     /// One sweep. Call it only while leading.
     pub async fn sweep(&mut self, store: &Store, queue: &Queue) -> queue_core::Result<SweepReport> {
         let mut report = SweepReport::default();
@@ -177,7 +185,9 @@ pub async fn run(
     retention: Duration,
     stop: CancellationToken,
 ) {
-    let mut sweeper = Sweeper::new(page).with_retention(retention);
+    let mut sweeper = Sweeper::new(page)
+        .with_retention(retention)
+        .first_retention_in(RETENTION_EVERY);
     let mut leader: Option<Leader> = None;
     loop {
         tokio::select! {
