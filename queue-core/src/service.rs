@@ -131,7 +131,7 @@ impl Service {
         key: Option<&IdempotencyKey>,
     ) -> Result<Submission> {
         let pending = [(tenant, task)];
-        self.insert_and_push(None, &pending, key).await
+        insert_and_push(&self.store, &self.queue, None, &pending, key).await
     }
 
     /// Commits a batch and all its tasks in one transaction (all or none),
@@ -160,64 +160,14 @@ impl Service {
         key: Option<&IdempotencyKey>,
     ) -> Result<Submission> {
         let tasks: Vec<(&str, &NewTask)> = batch.tasks.iter().map(|t| (tenant, t)).collect();
-        self.insert_and_push(Some((batch_id, batch.metadata.as_ref())), &tasks, key)
-            .await
-    }
-
-    /// `tasks` with their tenants: a group commit mixes tenants; a batch or
-    /// a keyed submission has one.
-    async fn insert_and_push(
-        &self,
-        batch: Option<(Uuid, Option<&serde_json::Value>)>,
-        tasks: &[(&str, &NewTask)],
-        key: Option<&IdempotencyKey>,
-    ) -> Result<Submission> {
-        // v7 ids from one process are strictly increasing, which the ready
-        // set relies on to keep FIFO order between tasks of the same ms.
-        let rows: Vec<Row<'_>> = tasks
-            .iter()
-            .map(|&(tenant, task)| Row {
-                id: Uuid::now_v7(),
-                tenant,
-                task,
-            })
-            .collect();
-        let created_at = match self.store.insert_tasks(batch, &rows, key).await? {
-            Inserted::New(at) => at,
-            Inserted::Existing(existing) if existing.same_body => {
-                return Ok(Submission::Replay(existing));
-            }
-            Inserted::Existing(_) => return Ok(Submission::KeyReused),
-        };
-        let order_ms = created_at.timestamp_millis();
-        let entries: Vec<ReadyEntry<'_>> = rows
-            .iter()
-            .map(|r| ReadyEntry {
-                queue: &r.task.model,
-                id: r.id,
-                priority: r.task.priority,
-                order_ms,
-            })
-            .collect();
-        // The tasks are committed: from here on a failure must not turn into
-        // an error the client would retry (and so duplicate). A task whose
-        // push failed stays queued in PostgreSQL and the reconciler
-        // dispatches it.
-        if let Err(e) = self.queue.push_ready(&entries).await {
-            tracing::warn!(error = %e, tasks = entries.len(), "push to redis failed after commit; the reconciler will dispatch");
-        }
-        Ok(Submission::New(Accepted {
-            ids: rows.iter().map(|r| r.id).collect(),
-            created_at,
-        }))
-    }
-
-    /// Commits `tasks` as one group; a failure is every task's failure.
-    async fn commit_group(&self, tasks: &[(&str, &NewTask)]) -> Result<Accepted> {
-        match self.insert_and_push(None, tasks, None).await? {
-            Submission::New(a) => Ok(a),
-            Submission::Replay(_) | Submission::KeyReused => unreachable!("no key, no replay"),
-        }
+        insert_and_push(
+            &self.store,
+            &self.queue,
+            Some((batch_id, batch.metadata.as_ref())),
+            &tasks,
+            key,
+        )
+        .await
     }
 
     /// A task and its attempts. Under load, concurrent reads (long-polls
@@ -298,6 +248,67 @@ impl Service {
     }
 }
 
+/// `tasks` with their tenants: a group commit mixes tenants; a batch or
+/// a keyed submission has one.
+async fn insert_and_push(
+    store: &Store,
+    queue: &Queue,
+    batch: Option<(Uuid, Option<&serde_json::Value>)>,
+    tasks: &[(&str, &NewTask)],
+    key: Option<&IdempotencyKey>,
+) -> Result<Submission> {
+    // v7 ids from one process are strictly increasing, which the ready
+    // set relies on to keep FIFO order between tasks of the same ms.
+    let rows: Vec<Row<'_>> = tasks
+        .iter()
+        .map(|&(tenant, task)| Row {
+            id: Uuid::now_v7(),
+            tenant,
+            task,
+        })
+        .collect();
+    let created_at = match store.insert_tasks(batch, &rows, key).await? {
+        Inserted::New(at) => at,
+        Inserted::Existing(existing) if existing.same_body => {
+            return Ok(Submission::Replay(existing));
+        }
+        Inserted::Existing(_) => return Ok(Submission::KeyReused),
+    };
+    let order_ms = created_at.timestamp_millis();
+    let entries: Vec<ReadyEntry<'_>> = rows
+        .iter()
+        .map(|r| ReadyEntry {
+            queue: &r.task.model,
+            id: r.id,
+            priority: r.task.priority,
+            order_ms,
+        })
+        .collect();
+    // The tasks are committed: from here on a failure must not turn into
+    // an error the client would retry (and so duplicate). A task whose
+    // push failed stays queued in PostgreSQL and the reconciler
+    // dispatches it.
+    if let Err(e) = queue.push_ready(&entries).await {
+        tracing::warn!(error = %e, tasks = entries.len(), "push to redis failed after commit; the reconciler will dispatch");
+    }
+    Ok(Submission::New(Accepted {
+        ids: rows.iter().map(|r| r.id).collect(),
+        created_at,
+    }))
+}
+
+/// Commits `tasks` as one group; a failure is every task's failure.
+async fn commit_group(
+    store: &Store,
+    queue: &Queue,
+    tasks: &[(&str, &NewTask)],
+) -> Result<Accepted> {
+    match insert_and_push(store, queue, None, tasks, None).await? {
+        Submission::New(a) => Ok(a),
+        Submission::Replay(_) | Submission::KeyReused => unreachable!("no key, no replay"),
+    }
+}
+
 /// Takes the reads waiting now (up to [`READ_MAX`]) and makes them with
 /// one query, while the next ones gather. Runs until every `Service` clone
 /// is dropped.
@@ -359,14 +370,6 @@ async fn gathering_reader(store: Store, mut rx: mpsc::Receiver<Read>) {
 /// Collects submissions for up to [`GROUP_WINDOW`] and commits each group
 /// with one statement. Runs until every `Service` clone is dropped.
 async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending>) {
-    let (tx, _) = mpsc::channel(1);
-    let (reads, _) = mpsc::channel(1);
-    let service = Service {
-        store,
-        queue,
-        group: tx,
-        reads,
-    };
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
         let deadline = tokio::time::Instant::now() + GROUP_WINDOW;
@@ -382,7 +385,7 @@ async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending
             .map(|p| ((p.tenant, p.task), p.reply))
             .unzip();
         let tasks: Vec<(&str, &NewTask)> = tasks.iter().map(|(t, n)| (t.as_str(), n)).collect();
-        match service.commit_group(&tasks).await {
+        match commit_group(&store, &queue, &tasks).await {
             Ok(accepted) => {
                 for (reply, id) in replies.into_iter().zip(accepted.ids) {
                     let _ = reply.send(Ok(Accepted {

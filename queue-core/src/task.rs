@@ -191,11 +191,6 @@ impl Params {
     pub fn json(&self) -> &str {
         self.raw.get()
     }
-
-    /// The object, parsed.
-    pub fn to_map(&self) -> Map<String, Value> {
-        serde_json::from_str(self.raw.get()).expect("stored as a JSON object")
-    }
 }
 
 impl PartialEq for Params {

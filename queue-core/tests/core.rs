@@ -223,7 +223,11 @@ async fn a_copied_batch_reads_back_exactly(pool: PgPool) {
         assert_eq!(stored.tenant, "team-x");
         assert_eq!(stored.model, sent.model);
         assert_eq!(stored.input.0, sent.input);
-        assert_eq!(stored.params.0, sent.params.to_map());
+        assert_eq!(
+            stored.params.0,
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(sent.params.json())
+                .unwrap()
+        );
         assert_eq!(stored.metadata, sent.metadata);
         assert_eq!(
             (stored.max_attempts, stored.cache),
