@@ -8,7 +8,7 @@ use queue_core::store::Finish;
 use queue_core::task::{NewBatch, NewTask, Priority, TaskStatus};
 use queue_core::testkit;
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 use uuid::Uuid;
 
 fn task(priority: &str) -> NewTask {
@@ -326,6 +326,81 @@ async fn concurrent_reads_each_get_their_own_task_and_share_a_failure(pool: PgPo
         .unwrap();
     assert!(svc.task(ids[0]).await.unwrap().is_some());
     svc.queue.purge().await.unwrap();
+}
+
+/// Reads by id stay index lookups whatever size `tasks` had when their
+/// plan was cached. PostgreSQL plans a prepared statement generically after
+/// five runs and keeps that plan; on a table of a few hundred rows, reads
+/// of many ids at once make it a sequential scan, which every later read
+/// would pay in full as the table grows.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn reads_by_id_never_scan_the_whole_table(pool: PgPool) {
+    let options = (*pool.connect_options()).clone();
+    let svc = testkit::service(pool);
+    let batch = NewBatch {
+        tasks: (0..300)
+            .map(|i| {
+                NewTask::from_json(
+                    &json!({"model": "m", "prompt": format!("{i} ").repeat(40)}),
+                    "",
+                )
+                .unwrap()
+            })
+            .collect(),
+        metadata: None,
+    };
+    let (_, accepted) = svc.submit_batch(&batch).await.unwrap();
+    // Everything so far, counted once every backend has flushed its
+    // statistics (a backend does when it exits).
+    svc.store.close().await;
+    let scans = || async {
+        let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+        let scans: (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'tasks'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        scans
+    };
+    let before = testkit::wait_for(
+        "the submitting connections' statistics",
+        Duration::from_secs(15),
+        || async {
+            let first = scans().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            (scans().await == first).then_some(first)
+        },
+    )
+    .await;
+
+    let store = queue_core::store::Store::new(
+        sqlx::postgres::PgPoolOptions::new().connect_lazy_with(options.clone()),
+    );
+    let mut reads = 0;
+    for chunk in accepted.ids.chunks(100).cycle().take(8) {
+        assert_eq!(store.tasks_with_history(chunk).await.unwrap().len(), 100);
+        reads += 1;
+    }
+    for id in &accepted.ids[..20] {
+        assert_eq!(store.tasks_with_history(&[*id]).await.unwrap().len(), 1);
+        reads += 1;
+    }
+    store.close().await;
+    let after = testkit::wait_for(
+        "the readers' statistics",
+        Duration::from_secs(15),
+        || async {
+            let now = scans().await;
+            (now.0 + now.1 >= before.0 + before.1 + reads).then_some(now)
+        },
+    )
+    .await;
+    assert_eq!(
+        after.0, before.0,
+        "sequential scans of tasks by {reads} reads by id (index scans: {} then {})",
+        before.1, after.1
+    );
 }
 
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]

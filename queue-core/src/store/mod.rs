@@ -31,11 +31,38 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Reads of tasks by id (the API's shared reader; see
+    /// [`Store::tasks_with_history`]), on connections of their own that
+    /// never plan a sequential scan.
+    reads: PgPool,
 }
 
+/// Connections of [`Store::reads`]: the shared reader has at most this many
+/// queries in flight.
+pub const READ_CONNECTIONS: u32 = 4;
+
 impl Store {
+    /// Over `pool`; the reads open their own connections to the same
+    /// server, when first needed.
     pub fn new(pool: PgPool) -> Store {
-        Store { pool }
+        // A prepared statement is planned for its parameters at each run
+        // while that looks cheaper than one generic plan, which for reads
+        // of one or a few ids it always does: each read was planned anew,
+        // most of PostgreSQL's CPU time in W2. These connections use the
+        // generic plan from the first run. Made while `tasks` is small (a
+        // fresh deployment, any test), that plan would be a sequential scan
+        // kept for the connection's life, every read then costing the whole
+        // table as it grows; with sequential scans off it is an index
+        // lookup, whatever the table's size.
+        let options = (*pool.connect_options()).clone().options([
+            ("enable_seqscan", "off"),
+            ("plan_cache_mode", "force_generic_plan"),
+        ]);
+        let reads = PgPoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(options);
+        Store { pool, reads }
     }
 
     /// Connects (creating the database first when configured to).
@@ -53,7 +80,7 @@ impl Store {
             .acquire_timeout(Duration::from_secs(3))
             .connect(&config.database_url)
             .await?;
-        Ok(Store { pool })
+        Ok(Store::new(pool))
     }
 
     /// [`Store::connect`], retried with backoff for a while: at start
@@ -86,6 +113,12 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Closes every connection, waiting for those in use to come back.
+    pub async fn close(&self) {
+        self.reads.close().await;
+        self.pool.close().await;
     }
 
     /// PostgreSQL's clock.

@@ -869,13 +869,11 @@ impl Store {
                FROM tasks WHERE id = ANY($1)",
             history = history_sql()
         );
-        // Planned at each call, not once per connection: a plan cached
-        // while `tasks` was nearly empty scans the whole table, and only an
-        // ANALYZE (autovacuum, where it runs) would replace it.
+        // On the connections that plan no sequential scan (see
+        // `Store::new`), so its cached plan stays an index lookup.
         Ok(sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(sql))
-            .persistent(false)
             .bind(ids)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?
             .into_iter()
             .map(|r| (r.task, r.history.0))
