@@ -753,6 +753,76 @@ async fn retention_deletes_exactly_the_old_finished_tasks(pool: PgPool) {
     svc.queue.purge().await.unwrap();
 }
 
+/// A batch stays readable while any of its tasks does: retention deletes
+/// its old finished tasks one by one and the batch only with the last.
+/// (Code keeps this, not a foreign key: `tasks.batch_id` has none.)
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn retention_keeps_a_batch_while_any_of_its_tasks_remains(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let (batch, accepted) = submit_sim_batch(&svc, 2, "kept ").await;
+    let (first, second) = (accepted.ids[0], accepted.ids[1]);
+    let finish = |id| {
+        let svc = svc.clone();
+        async move {
+            svc.store
+                .claim(&[id], Duration::from_secs(300))
+                .await
+                .unwrap();
+            let done = queue_core::store::Finish::Succeeded { result: json!({}) };
+            assert!(svc.store.finish(id, 1, &done).await.unwrap());
+        }
+    };
+    let age_everything = || async {
+        // A fixture: only the clock is faked.
+        sqlx::query("UPDATE tasks SET created_at = created_at - interval '10 days', finished_at = finished_at - interval '10 days'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE batches SET created_at = created_at - interval '10 days'")
+            .execute(&pool)
+            .await
+            .unwrap();
+    };
+    // A new sweeper for each look: one looks for old tasks once a minute.
+    let sweeper = || Sweeper::new(100).with_retention(Duration::from_secs(7 * 86_400));
+
+    finish(first).await;
+    age_everything().await;
+    assert_eq!(
+        sweeper()
+            .sweep(&svc.store, &svc.queue)
+            .await
+            .unwrap()
+            .deleted,
+        1
+    );
+    assert!(svc.task(first).await.unwrap().is_none());
+    let left = svc
+        .batch(batch)
+        .await
+        .unwrap()
+        .expect("kept for its queued task");
+    assert_eq!(left.total, 2, "{left:?}");
+    assert_eq!(svc.store.batch_task_ids(batch).await.unwrap(), vec![second]);
+
+    finish(second).await;
+    age_everything().await;
+    assert_eq!(
+        sweeper()
+            .sweep(&svc.store, &svc.queue)
+            .await
+            .unwrap()
+            .deleted,
+        1
+    );
+    assert!(svc.task(second).await.unwrap().is_none());
+    assert!(
+        svc.batch(batch).await.unwrap().is_none(),
+        "gone with its last task"
+    );
+    svc.queue.purge().await.unwrap();
+}
+
 /// Fails every call while `broken` is set.
 struct Flaky {
     broken: Arc<std::sync::atomic::AtomicBool>,
