@@ -1,12 +1,13 @@
-//! Batched outcomes: successful attempts and retryable failures are
-//! collected for up to [`WINDOW`] (or [`MAX_BATCH`] of them) and written in
-//! one fenced statement per kind, then announced (finished tasks) and
-//! scheduled (retries) in Redis pipelines. At high throughput this turns
-//! one commit per attempt into one per batch; at low rates it adds at most
-//! the window to a task's latency.
+//! Batched outcomes: successful attempts and retryable failures that wait
+//! (up to [`MAX_BATCH`] of them) are written in one fenced statement per
+//! kind, then announced (finished tasks) and scheduled (retries) in Redis
+//! pipelines, and again. Nothing waits for company: an outcome reaching an
+//! idle completer is written at once, and under load those that arrive
+//! during a write form the next batch, so one commit serves many attempts.
+//! (A 2 ms window for company, before: the same drain rates, and W2's
+//! end-to-end p50 and p99 at 500/s 3 to 6 ms higher.)
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use queue_core::queue::events::Finished;
@@ -19,8 +20,6 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-/// How long the first outcome of a batch waits for company.
-pub const WINDOW: Duration = Duration::from_millis(2);
 pub const MAX_BATCH: usize = 512;
 
 /// How an attempt ended, as the completer writes it.
@@ -58,11 +57,10 @@ pub fn channel() -> (mpsc::Sender<Done>, mpsc::Receiver<Done>) {
 pub async fn run(store: Store, queue: Queue, mut rx: mpsc::Receiver<Done>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + WINDOW;
         while batch.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(d)) => batch.push(d),
-                Ok(None) | Err(_) => break,
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
             }
         }
         let held = write(&store, &batch).await;
