@@ -48,7 +48,7 @@ impl Store {
         // A prepared statement is planned for its parameters at each run
         // while that looks cheaper than one generic plan, which for reads
         // of one or a few ids it always does: each read was planned anew,
-        // most of PostgreSQL's CPU time in W2. These connections use the
+        // 28 % of PostgreSQL's time in W2. These connections use the
         // generic plan from the first run. Made while `tasks` is small (a
         // fresh deployment, any test), that plan would be a sequential scan
         // kept for the connection's life, every read then costing the whole
