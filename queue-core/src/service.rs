@@ -371,8 +371,8 @@ async fn gathering_reader(store: Store, mut rx: mpsc::Receiver<Read>) {
 /// arrive during a commit form the next group, so groups grow with the
 /// load and nobody waits for company. (A 1 ms window for company, before:
 /// 13,897 [12,811-14,589] single POSTs/s on 64 connections, against
-/// 15,106 [15,050-15,423] without, with 35 % of the CPU idle either way:
-/// the window was latency, not saved work.) Runs until every `Service`
+/// 15,106 [15,050-15,423] without; with the window a profile showed 35 %
+/// of the CPU idle: the window was latency, not saved work.) Runs until every `Service`
 /// clone is dropped.
 async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {

@@ -783,19 +783,20 @@ async fn retention_keeps_a_batch_while_any_of_its_tasks_remains(pool: PgPool) {
             .await
             .unwrap();
     };
-    // A new sweeper for each look: one looks for old tasks once a minute.
-    let sweeper = || Sweeper::new(100).with_retention(Duration::from_secs(7 * 86_400));
-
-    finish(first).await;
-    age_everything().await;
-    assert_eq!(
-        sweeper()
+    // How many tasks a look deletes; a new sweeper for each look, since one
+    // looks for old tasks once a minute.
+    let deleted = || async {
+        Sweeper::new(100)
+            .with_retention(Duration::from_secs(7 * 86_400))
             .sweep(&svc.store, &svc.queue)
             .await
             .unwrap()
-            .deleted,
-        1
-    );
+            .deleted
+    };
+
+    finish(first).await;
+    age_everything().await;
+    assert_eq!(deleted().await, 1);
     assert!(svc.task(first).await.unwrap().is_none());
     let left = svc
         .batch(batch)
@@ -807,14 +808,7 @@ async fn retention_keeps_a_batch_while_any_of_its_tasks_remains(pool: PgPool) {
 
     finish(second).await;
     age_everything().await;
-    assert_eq!(
-        sweeper()
-            .sweep(&svc.store, &svc.queue)
-            .await
-            .unwrap()
-            .deleted,
-        1
-    );
+    assert_eq!(deleted().await, 1);
     assert!(svc.task(second).await.unwrap().is_none());
     assert!(
         svc.batch(batch).await.unwrap().is_none(),

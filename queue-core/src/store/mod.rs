@@ -37,6 +37,10 @@ pub struct Store {
     reads: PgPool,
 }
 
+/// How long a query waits for a free connection: short, so a request
+/// during an outage gets 503 quickly instead of hanging on the pool.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Connections of [`Store::reads`]: the shared reader has at most this many
 /// queries in flight.
 pub const READ_CONNECTIONS: u32 = 4;
@@ -60,7 +64,7 @@ impl Store {
         ]);
         let reads = PgPoolOptions::new()
             .max_connections(READ_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
         Store { pool, reads }
     }
@@ -75,9 +79,7 @@ impl Store {
         }
         let pool = PgPoolOptions::new()
             .max_connections(config.db_pool)
-            // Short, so a request during an outage gets 503 quickly instead
-            // of hanging on the pool.
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(&config.database_url)
             .await?;
         Ok(Store::new(pool))

@@ -859,25 +859,31 @@ impl Store {
             task: TaskRecord,
             history: Json<Vec<AttemptRecord>>,
         }
-        let sql = format!(
-            "SELECT {TASK_COLUMNS},
-                    coalesce((SELECT json_agg(json_build_object(
-                                'run', h.run, 'attempt', h.attempt, 'started_at', h.started_at,
-                                'finished_at', h.finished_at, 'outcome', h.outcome, 'error', h.error)
-                              ORDER BY h.seq NULLS LAST)
-                         FROM ({history}) h), '[]') AS history
-               FROM tasks WHERE id = ANY($1)",
-            history = history_sql()
-        );
+        // Built once: this runs for every read, and the prepared statement
+        // is found by its text.
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {TASK_COLUMNS},
+                        coalesce((SELECT json_agg(json_build_object(
+                                    'run', h.run, 'attempt', h.attempt, 'started_at', h.started_at,
+                                    'finished_at', h.finished_at, 'outcome', h.outcome, 'error', h.error)
+                                  ORDER BY h.seq NULLS LAST)
+                             FROM ({history}) h), '[]') AS history
+                   FROM tasks WHERE id = ANY($1)",
+                history = history_sql()
+            )
+        });
         // On the connections that plan no sequential scan (see
         // `Store::new`), so its cached plan stays an index lookup.
-        Ok(sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(sql))
-            .bind(ids)
-            .fetch_all(&self.reads)
-            .await?
-            .into_iter()
-            .map(|r| (r.task, r.history.0))
-            .collect())
+        Ok(
+            sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(SQL.as_str()))
+                .bind(ids)
+                .fetch_all(&self.reads)
+                .await?
+                .into_iter()
+                .map(|r| (r.task, r.history.0))
+                .collect(),
+        )
     }
 
     /// Every attempt of a task, oldest first.
