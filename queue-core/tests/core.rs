@@ -680,3 +680,39 @@ async fn attempts_open_at_the_upgrade_move_into_their_task_row(pool: PgPool) {
         ]
     );
 }
+
+/// A completer finishes hundreds of tasks at once and announces them in a
+/// few messages; every one of them must reach a listening API process,
+/// with its batch, or a long-poll on it waits out its whole timeout.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn every_finished_task_in_a_published_group_reaches_the_listener(pool: PgPool) {
+    use queue_core::queue::events::{EVENTS_PER_MESSAGE, Event, Finished};
+    let svc = testkit::service(pool);
+    let batch = Uuid::now_v7();
+    // Two full messages and a part, tasks with and without a batch.
+    let sent: Vec<Finished> = (0..2 * EVENTS_PER_MESSAGE + 76)
+        .map(|i| Finished {
+            task: Uuid::now_v7(),
+            batch: (i % 3 == 0).then_some(batch),
+        })
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let listener = {
+        let queue = svc.queue.clone();
+        tokio::spawn(async move {
+            let mut on_event = |e: Event| tx.send(e).unwrap();
+            queue.listen(&mut on_event).await
+        })
+    };
+    assert_eq!(rx.recv().await, Some(Event::Resubscribed));
+    svc.queue.publish_finished(&sent).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(Event::Finished(f))) => got.push(f),
+            other => panic!("after {} of {} events: {other:?}", got.len(), sent.len()),
+        }
+    }
+    listener.abort();
+    assert_eq!(got, sent);
+}

@@ -2,17 +2,27 @@
 //! long-poll the moment a task finishes, without polling PostgreSQL.
 //!
 //! Whoever moves a task to a terminal state publishes `<task id>` or
-//! `<task id> <batch id>` on `<prefix>:finished`. Each API process holds one
+//! `<task id> <batch id>` on `<prefix>:finished`, one line per task and up
+//! to [`EVENTS_PER_MESSAGE`] lines per message (a worker finishing 20,000
+//! tasks a second would otherwise send, and every API process parse,
+//! 20,000 messages a second). Each API process holds one
 //! subscription and fans the events out to its waiters in memory. Pub/sub is
 //! fire-and-forget: an event published while a subscriber reconnects is
 //! lost, so after every (re)subscribe the subscriber is told to wake all its
 //! waiters, which then read PostgreSQL once.
+
+use std::fmt::Write as _;
 
 use futures::StreamExt as _;
 use uuid::Uuid;
 
 use super::Queue;
 use crate::error::Result;
+
+/// Lines per published message: large enough that a completer's whole
+/// batch (512) goes out as one message, small enough that one message
+/// stays a few tens of KiB.
+pub const EVENTS_PER_MESSAGE: usize = 512;
 
 /// A task that reached a terminal state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,18 +68,27 @@ impl Queue {
         Ok(())
     }
 
-    /// Announces finished tasks, in one pipeline.
+    /// Announces finished tasks: one line each, [`EVENTS_PER_MESSAGE`]
+    /// lines per message, all messages in one pipeline.
     pub async fn publish_finished(&self, finished: &[Finished]) -> Result<()> {
         if finished.is_empty() {
             return Ok(());
         }
         let channel = self.events_channel();
         let mut pipe = redis::pipe();
-        for f in finished {
-            let payload = match f.batch {
-                Some(b) => format!("{} {b}", f.task),
-                None => f.task.to_string(),
-            };
+        for chunk in finished.chunks(EVENTS_PER_MESSAGE) {
+            // 36 bytes per id, a space, a newline.
+            let mut payload = String::with_capacity(chunk.len() * 74);
+            for f in chunk {
+                if !payload.is_empty() {
+                    payload.push('\n');
+                }
+                match f.batch {
+                    Some(b) => write!(payload, "{} {b}", f.task),
+                    None => write!(payload, "{}", f.task),
+                }
+                .expect("writing to a String cannot fail");
+            }
             pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
         }
         let mut conn = self.pool.get().await?;
@@ -89,13 +108,21 @@ impl Queue {
             let Ok(payload) = msg.get_payload::<String>() else {
                 continue;
             };
-            let mut parts = payload.split(' ');
-            let Some(task) = parts.next().and_then(|t| Uuid::parse_str(t).ok()) else {
-                continue;
-            };
-            let batch = parts.next().and_then(|b| Uuid::parse_str(b).ok());
-            on_event(Event::Finished(Finished { task, batch }));
+            for line in payload.lines() {
+                if let Some(f) = parse_line(line) {
+                    on_event(Event::Finished(f));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// `<task id>` or `<task id> <batch id>`; anything else is skipped (a
+/// newer publisher may add fields).
+fn parse_line(line: &str) -> Option<Finished> {
+    let mut parts = line.split(' ');
+    let task = Uuid::parse_str(parts.next()?).ok()?;
+    let batch = parts.next().and_then(|b| Uuid::parse_str(b).ok());
+    Some(Finished { task, batch })
 }
