@@ -702,13 +702,49 @@ impl NewBatch {
             )
             .into());
         }
-        let mut tasks = Vec::with_capacity(items.len());
-        for (i, raw) in items.into_iter().enumerate() {
-            let v: Value = serde_json::from_str(raw.get()).map_err(BatchBodyError::Malformed)?;
-            tasks.push(NewTask::from_json(&v, &format!("tasks[{i}]"))?);
-        }
+        let tasks = parse_tasks(&items)?;
         Ok(NewBatch { tasks, metadata })
     }
+}
+
+/// Batches from this many tasks are parsed on more than one thread.
+const PARALLEL_PARSE_FROM: usize = 4_096;
+
+/// Parses and checks the tasks of a batch, in order. A large batch is
+/// split among up to 4 threads: its parse is CPU work that otherwise runs
+/// while PostgreSQL, which writes the tasks next, waits (0.15 to 0.25 s of
+/// 50,000 tasks). The error reported is the first task's in order, as when
+/// parsed on one thread.
+fn parse_tasks(items: &[&serde_json::value::RawValue]) -> Result<Vec<NewTask>, BatchBodyError> {
+    let parse = |offset: usize, items: &[&serde_json::value::RawValue]| {
+        let mut tasks = Vec::with_capacity(items.len());
+        for (i, raw) in items.iter().enumerate() {
+            let v: Value = serde_json::from_str(raw.get()).map_err(BatchBodyError::Malformed)?;
+            tasks.push(NewTask::from_json(&v, &format!("tasks[{}]", offset + i))?);
+        }
+        Ok::<_, BatchBodyError>(tasks)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if items.len() < PARALLEL_PARSE_FROM || threads < 2 {
+        return parse(0, items);
+    }
+    let per = items.len().div_ceil(threads);
+    let parts: Vec<Result<Vec<NewTask>, BatchBodyError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .enumerate()
+            .map(|(k, chunk)| scope.spawn(move || parse(k * per, chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a parse thread panicked"))
+            .collect()
+    });
+    let mut tasks = Vec::with_capacity(items.len());
+    for part in parts {
+        tasks.extend(part?);
+    }
+    Ok(tasks)
 }
 
 /// A task as stored, for reading back.
@@ -881,6 +917,48 @@ mod tests {
         assert_eq!(ok.tasks.len(), 2);
         assert_eq!(ok.tasks[1].model, "n");
         assert_eq!(ok.metadata, Some(json!({"k": 1})));
+    }
+
+    #[test]
+    fn a_large_batch_keeps_its_order_and_reports_its_first_bad_task() {
+        let n = 3 * PARALLEL_PARSE_FROM + 7;
+        let body = |bad: &[usize]| {
+            let tasks: Vec<Value> = (0..n)
+                .map(|i| {
+                    if bad.contains(&i) {
+                        json!({"model": "m", "prompt": "x", "priority": i})
+                    } else {
+                        json!({"model": format!("m{i}"), "prompt": "x"})
+                    }
+                })
+                .collect();
+            json!({"tasks": tasks}).to_string()
+        };
+        let ok = NewBatch::from_slice(body(&[]).as_bytes()).unwrap();
+        assert_eq!(ok.tasks.len(), n);
+        assert!(
+            ok.tasks
+                .iter()
+                .enumerate()
+                .all(|(i, t)| t.model == format!("m{i}")),
+            "the tasks come back in the order sent"
+        );
+        // Bad tasks in the last and in an earlier part: the first is named,
+        // with its index in the whole batch.
+        for (bad, first) in [
+            (vec![n - 1], n - 1),
+            (
+                vec![n - 2, PARALLEL_PARSE_FROM + 1],
+                PARALLEL_PARSE_FROM + 1,
+            ),
+        ] {
+            match NewBatch::from_slice(body(&bad).as_bytes()) {
+                Err(BatchBodyError::Invalid(e)) => {
+                    assert_eq!(e.field, format!("tasks[{first}].priority"))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

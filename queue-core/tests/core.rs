@@ -235,6 +235,10 @@ async fn a_copied_batch_reads_back_exactly(pool: PgPool) {
         );
         assert_eq!(stored.priority(), sent.priority);
         assert_eq!(stored.status, TaskStatus::Queued);
+        assert_eq!(
+            stored.created_at, accepted.created_at,
+            "every task of the batch is stamped with the instant the API answers with"
+        );
     }
     svc.queue.purge().await.unwrap();
 }

@@ -25,67 +25,89 @@ const COPY_MIN_ROWS: usize = 1_000;
 const COPY_BUFFER: usize = 1 << 20;
 
 /// Writes `rows` (all `queued`) with one `COPY ... FROM STDIN`, in the
-/// caller's transaction.
+/// caller's transaction, which must have read `now()` as the tasks'
+/// `created_at`: the column is left to its default, `now()`, the same
+/// instant within one transaction, so PostgreSQL parses no timestamp per
+/// row.
 async fn copy_tasks(
     conn: &mut sqlx::PgConnection,
     batch_id: Option<Uuid>,
-    created_at: DateTime<Utc>,
     rows: &[Row<'_>],
 ) -> Result<()> {
-    use std::fmt::Write as _;
+    use std::io::Write as _;
     let mut copy = conn
         .copy_in_raw(
-            "COPY tasks (id, tenant, batch_id, model, priority, status, input, params, metadata, max_attempts, cache, created_at)
+            "COPY tasks (id, tenant, batch_id, model, priority, status, input, params, metadata, max_attempts, cache)
              FROM STDIN",
         )
         .await?;
     let batch = batch_id.map_or_else(|| "\\N".to_owned(), |b| b.to_string());
-    let created = created_at.to_rfc3339();
-    let mut buf = String::with_capacity(COPY_BUFFER + 4096);
+    let mut buf: Vec<u8> = Vec::with_capacity(COPY_BUFFER + 4096);
+    // JSON text of one value at a time, reused: one allocation per COPY,
+    // not one per row.
+    let mut json: Vec<u8> = Vec::with_capacity(1024);
+    let mut uuid = Uuid::encode_buffer();
     for row in rows {
         let t = row.task;
-        let _ = write!(buf, "{}\t", row.id);
-        copy_text(&mut buf, row.tenant);
-        let _ = write!(buf, "\t{batch}\t");
-        copy_text(&mut buf, &t.model);
-        let _ = write!(buf, "\t{}\tqueued\t", t.priority.band());
-        copy_text(
-            &mut buf,
-            &serde_json::to_string(&t.input).unwrap_or_default(),
-        );
-        buf.push('\t');
-        copy_text(&mut buf, t.params.json());
-        buf.push('\t');
+        buf.extend_from_slice(row.id.hyphenated().encode_lower(&mut uuid).as_bytes());
+        buf.push(b'\t');
+        copy_text(&mut buf, row.tenant.as_bytes());
+        buf.push(b'\t');
+        buf.extend_from_slice(batch.as_bytes());
+        buf.push(b'\t');
+        copy_text(&mut buf, t.model.as_bytes());
+        buf.push(b'\t');
+        buf.push(b'0' + t.priority.band() as u8);
+        buf.extend_from_slice(b"\tqueued\t");
+        json.clear();
+        serde_json::to_writer(&mut json, &t.input).expect("JSON into memory");
+        copy_text(&mut buf, &json);
+        buf.push(b'\t');
+        copy_text(&mut buf, t.params.json().as_bytes());
+        buf.push(b'\t');
         match &t.metadata {
-            Some(m) => copy_text(&mut buf, &m.to_string()),
-            None => buf.push_str("\\N"),
+            Some(m) => {
+                json.clear();
+                serde_json::to_writer(&mut json, m).expect("JSON into memory");
+                copy_text(&mut buf, &json);
+            }
+            None => buf.extend_from_slice(b"\\N"),
         }
         let cache = if t.cache { 't' } else { 'f' };
-        let _ = writeln!(buf, "\t{}\t{cache}\t{created}", t.max_attempts);
+        let _ = writeln!(buf, "\t{}\t{cache}", t.max_attempts);
         if buf.len() >= COPY_BUFFER {
-            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
-            buf.reserve(COPY_BUFFER + 4096);
+            copy.send(std::mem::replace(
+                &mut buf,
+                Vec::with_capacity(COPY_BUFFER + 4096),
+            ))
+            .await?;
         }
     }
     if !buf.is_empty() {
-        copy.send(buf.into_bytes()).await?;
+        copy.send(buf).await?;
     }
     copy.finish().await?;
     Ok(())
 }
 
 /// A value in COPY's text format: backslash, tab, newline and carriage
-/// return escaped (validation refuses NUL, which it cannot carry).
-fn copy_text(buf: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '\\' => buf.push_str("\\\\"),
-            '\t' => buf.push_str("\\t"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            c => buf.push(c),
-        }
+/// return escaped (validation refuses NUL, which it cannot carry). Runs
+/// without any of them, nearly all of a prompt, are copied whole.
+fn copy_text(buf: &mut Vec<u8>, s: &[u8]) {
+    let mut from = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        buf.extend_from_slice(&s[from..i]);
+        buf.extend_from_slice(escaped);
+        from = i + 1;
     }
+    buf.extend_from_slice(&s[from..]);
 }
 
 /// The dead letters a [`DeadFilter`] names ($1 task, $2 batch, $3 model,
@@ -383,7 +405,7 @@ impl Store {
             .await?;
         }
         if rows.len() >= COPY_MIN_ROWS {
-            copy_tasks(&mut tx, batch_id, created_at, rows).await?;
+            copy_tasks(&mut tx, batch_id, rows).await?;
             tx.commit().await?;
             return Ok(Inserted::New(created_at));
         }
