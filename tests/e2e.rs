@@ -339,6 +339,37 @@ async fn the_cli_submits_waits_runs_batches_and_generates_load() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SLA failed"));
+
+    // One request open at a time cannot carry 2,000 arrivals a second (each
+    // waits for a commit): the rest are dropped and counted, never sent, and
+    // the error-rate gate counts them.
+    let out = cli(&[
+        "load",
+        "--rate",
+        "2000",
+        "--duration",
+        "1",
+        "--max-in-flight",
+        "1",
+        "--quiet",
+    ]);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (sent, dropped) = (
+        summary["requests"].as_u64().unwrap(),
+        summary["dropped"].as_u64().unwrap(),
+    );
+    assert_eq!(summary["errors"], 0, "{summary}");
+    assert!(sent > 0 && dropped > 0, "{summary}");
+    assert!(
+        (1_800..=2_200).contains(&(sent + dropped)),
+        "every arrival is sent or dropped: {summary}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "dropped arrivals fail the default gate"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dropped of"));
 }
 
 /// The value of one sample line (`name{labels} value`) in Prometheus text.

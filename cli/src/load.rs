@@ -4,7 +4,10 @@
 //! rather than as a politely lower rate. `--stages` runs several rates one
 //! after another, each held for its duration. Submit latency and, with
 //! `--e2e`, end-to-end latency (submit to completion seen through
-//! long-poll) go into HDR histograms.
+//! long-poll) go into HDR histograms. `--max-in-flight` caps the requests
+//! open at once, like k6's `maxVUs`: an arrival that finds the cap reached
+//! is dropped and counted, so the load on the server (and the connections
+//! it is made to hold) is bounded while the arrival rate stays honest.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::sync::{Arc, Mutex};
@@ -31,6 +34,12 @@ pub struct LoadArgs {
     /// (a closed model; "unthrottled") for `--duration`.
     #[arg(long)]
     connections: Option<usize>,
+    /// With a rate: at most this many requests (each with its long-poll,
+    /// with `--e2e`) open at once; an arrival that finds them all busy is
+    /// not sent but counted as dropped (k6's `maxVUs` and
+    /// `dropped_iterations`). Unset: no cap.
+    #[arg(long, conflicts_with = "connections", value_parser = clap::value_parser!(u32).range(1..))]
+    max_in_flight: Option<u32>,
     /// With `--connections`: stop after this many requests instead of after
     /// `--duration`.
     #[arg(long, requires = "connections")]
@@ -58,7 +67,8 @@ pub struct LoadArgs {
     p95_ms: Option<f64>,
     #[arg(long)]
     p99_ms: Option<f64>,
-    /// Fail if more than this fraction of requests failed.
+    /// Fail if more than this fraction of requests failed (a dropped
+    /// arrival, see `--max-in-flight`, counts as failed here).
     #[arg(long, default_value_t = 0.0)]
     max_error_rate: f64,
     /// Write a JSON summary here.
@@ -181,6 +191,8 @@ fn summary_of(h: &Histogram<u64>) -> Value {
 
 /// What every request needs.
 struct Shared {
+    /// Arrivals not sent: `--max-in-flight` requests were open.
+    dropped: std::sync::atomic::AtomicU64,
     http: reqwest::Client,
     url: String,
     bodies: Vec<Value>,
@@ -290,6 +302,7 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
         .map(|p| json!({"model": args.model, "prompt": p, "params": params}))
         .collect();
     let shared = Arc::new(Shared {
+        dropped: Default::default(),
         http,
         url: url.to_owned(),
         bodies,
@@ -331,6 +344,9 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
             }
         }
         None => {
+            let cap = args
+                .max_in_flight
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
             let mut stage_end = Duration::ZERO;
             for (rate, duration) in plan {
                 stage_end += duration;
@@ -340,8 +356,23 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 while shared.started.elapsed() < stage_end {
                     tick.tick().await;
+                    let permit = match &cap {
+                        None => None,
+                        Some(cap) => match cap.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                shared
+                                    .dropped
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                continue;
+                            }
+                        },
+                    };
                     let shared = shared.clone();
-                    tasks.spawn(async move { one(&shared, n).await });
+                    tasks.spawn(async move {
+                        one(&shared, n).await;
+                        drop(permit);
+                    });
                     n += 1;
                 }
             }
@@ -368,11 +399,14 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
     } else {
         s.errors as f64 / total as f64
     };
+    let dropped = shared.dropped.load(std::sync::atomic::Ordering::Relaxed);
     Ok(json!({
         "requests": total,
         "ok": s.ok,
         "errors": s.errors,
         "error_rate": error_rate,
+        "dropped": dropped,
+        "max_in_flight": args.max_in_flight,
         "achieved_rate": s.submit.len() as f64 / generated.as_secs_f64(),
         "duration_s": generated.as_secs_f64(),
         "submit": summary_of(&s.submit),
@@ -416,10 +450,11 @@ fn spawn_progress(shared: Arc<Shared>, total: Duration) -> tokio::task::JoinHand
                 let s = shared.stats.lock().unwrap();
                 (s.ok, s.errors)
             };
+            let dropped = shared.dropped.load(std::sync::atomic::Ordering::Relaxed);
             let frac = (elapsed.as_secs_f64() / total.as_secs_f64().max(0.001)).min(1.0);
             let filled = (frac * 30.0) as usize;
             let line = format!(
-                "[{}{}] {:>6.1}/{:.1} s  ok {ok}  errors {errors}",
+                "[{}{}] {:>6.1}/{:.1} s  ok {ok}  errors {errors}  dropped {dropped}",
                 "=".repeat(filled),
                 " ".repeat(30 - filled),
                 elapsed.as_secs_f64(),
@@ -459,10 +494,17 @@ pub async fn run(url: &str, bearer: Option<&str>, args: LoadArgs) -> anyhow::Res
     {
         failed.push(format!("p99 {:.1} ms over {limit} ms", p("p99_ms")));
     }
-    let error_rate = summary["error_rate"].as_f64().unwrap_or(1.0);
-    if error_rate > args.max_error_rate {
+    let count = |key: &str| summary[key].as_u64().unwrap_or(0);
+    let (errors, dropped) = (count("errors"), count("dropped"));
+    let arrivals = count("requests") + dropped;
+    let failed_rate = if arrivals == 0 {
+        0.0
+    } else {
+        (errors + dropped) as f64 / arrivals as f64
+    };
+    if failed_rate > args.max_error_rate {
         failed.push(format!(
-            "error rate {error_rate:.4} over {}",
+            "{errors} errors and {dropped} dropped of {arrivals} arrivals: {failed_rate:.4} over {}",
             args.max_error_rate
         ));
     }
