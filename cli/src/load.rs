@@ -10,6 +10,7 @@
 //! it is made to hold) is bounded while the arrival rate stays honest.
 
 use std::io::{IsTerminal as _, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,7 +76,8 @@ pub struct LoadArgs {
     #[arg(long)]
     summary: Option<std::path::PathBuf>,
     /// Write one line per request here: start offset, submit and
-    /// end-to-end latency (ms), outcome.
+    /// end-to-end latency (ms), outcome. Dropped arrivals were never sent
+    /// and have no line; the summary counts them.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
     /// No progress line on stderr.
@@ -192,7 +194,7 @@ fn summary_of(h: &Histogram<u64>) -> Value {
 /// What every request needs.
 struct Shared {
     /// Arrivals not sent: `--max-in-flight` requests were open.
-    dropped: std::sync::atomic::AtomicU64,
+    dropped: AtomicU64,
     http: reqwest::Client,
     url: String,
     bodies: Vec<Value>,
@@ -275,7 +277,8 @@ async fn one(shared: &Shared, n: usize) {
 /// `bearer`: the API key (or token) sent with every request.
 pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow::Result<Value> {
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
+        // Keeps a connection for every request that may be open at once.
+        .pool_max_idle_per_host(args.max_in_flight.map_or(1024, |n| (n as usize).max(1024)))
         .default_headers(crate::auth_headers(bearer)?)
         .build()?;
     let prompts: Vec<String> = match &args.prompts {
@@ -325,12 +328,12 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
         Some(conns) => {
             let duration = Duration::from_secs_f64(args.duration);
             let limit = args.requests;
-            let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let issued = Arc::new(AtomicU64::new(0));
             for _ in 0..conns {
                 let (shared, issued) = (shared.clone(), issued.clone());
                 tasks.spawn(async move {
                     loop {
-                        let i = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let i = issued.fetch_add(1, Ordering::Relaxed);
                         let more = match limit {
                             Some(n) => i < n,
                             None => shared.started.elapsed() < duration,
@@ -361,9 +364,7 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
                         Some(cap) => match cap.clone().try_acquire_owned() {
                             Ok(p) => Some(p),
                             Err(_) => {
-                                shared
-                                    .dropped
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                shared.dropped.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
                         },
@@ -399,13 +400,21 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
     } else {
         s.errors as f64 / total as f64
     };
-    let dropped = shared.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = shared.dropped.load(Ordering::Relaxed);
+    let arrivals = total + dropped;
+    // What `--max-error-rate` gates: errors and dropped arrivals alike.
+    let failed_rate = if arrivals == 0 {
+        0.0
+    } else {
+        (s.errors + dropped) as f64 / arrivals as f64
+    };
     Ok(json!({
         "requests": total,
         "ok": s.ok,
         "errors": s.errors,
         "error_rate": error_rate,
         "dropped": dropped,
+        "failed_rate": failed_rate,
         "max_in_flight": args.max_in_flight,
         "achieved_rate": s.submit.len() as f64 / generated.as_secs_f64(),
         "duration_s": generated.as_secs_f64(),
@@ -450,7 +459,7 @@ fn spawn_progress(shared: Arc<Shared>, total: Duration) -> tokio::task::JoinHand
                 let s = shared.stats.lock().unwrap();
                 (s.ok, s.errors)
             };
-            let dropped = shared.dropped.load(std::sync::atomic::Ordering::Relaxed);
+            let dropped = shared.dropped.load(Ordering::Relaxed);
             let frac = (elapsed.as_secs_f64() / total.as_secs_f64().max(0.001)).min(1.0);
             let filled = (frac * 30.0) as usize;
             let line = format!(
@@ -494,17 +503,14 @@ pub async fn run(url: &str, bearer: Option<&str>, args: LoadArgs) -> anyhow::Res
     {
         failed.push(format!("p99 {:.1} ms over {limit} ms", p("p99_ms")));
     }
-    let count = |key: &str| summary[key].as_u64().unwrap_or(0);
-    let (errors, dropped) = (count("errors"), count("dropped"));
-    let arrivals = count("requests") + dropped;
-    let failed_rate = if arrivals == 0 {
-        0.0
-    } else {
-        (errors + dropped) as f64 / arrivals as f64
-    };
+    let failed_rate = summary["failed_rate"].as_f64().unwrap_or(1.0);
     if failed_rate > args.max_error_rate {
+        let n = |key: &str| summary[key].as_u64().unwrap_or(0);
         failed.push(format!(
-            "{errors} errors and {dropped} dropped of {arrivals} arrivals: {failed_rate:.4} over {}",
+            "{} errors and {} dropped of {} arrivals: {failed_rate:.4} over {}",
+            n("errors"),
+            n("dropped"),
+            n("requests") + n("dropped"),
             args.max_error_rate
         ));
     }

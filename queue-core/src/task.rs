@@ -716,33 +716,57 @@ const PARALLEL_PARSE_FROM: usize = 4_096;
 /// 50,000 tasks). The error reported is the first task's in order, as when
 /// parsed on one thread.
 fn parse_tasks(items: &[&serde_json::value::RawValue]) -> Result<Vec<NewTask>, BatchBodyError> {
-    let parse = |offset: usize, items: &[&serde_json::value::RawValue]| {
-        let mut tasks = Vec::with_capacity(items.len());
-        for (i, raw) in items.iter().enumerate() {
-            let v: Value = serde_json::from_str(raw.get()).map_err(BatchBodyError::Malformed)?;
-            tasks.push(NewTask::from_json(&v, &format!("tasks[{}]", offset + i))?);
-        }
-        Ok::<_, BatchBodyError>(tasks)
-    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if items.len() < PARALLEL_PARSE_FROM || threads < 2 {
-        return parse(0, items);
+    if items.len() < PARALLEL_PARSE_FROM {
+        return parse_part(0, items);
     }
-    let per = items.len().div_ceil(threads);
+    parse_tasks_on(items, threads)
+}
+
+/// [`parse_tasks`] on `threads` threads, this one among them.
+fn parse_tasks_on(
+    items: &[&serde_json::value::RawValue],
+    threads: usize,
+) -> Result<Vec<NewTask>, BatchBodyError> {
+    let per = items.len().div_ceil(threads.max(1)).max(1);
     let parts: Vec<Result<Vec<NewTask>, BatchBodyError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(per)
-            .enumerate()
-            .map(|(k, chunk)| scope.spawn(move || parse(k * per, chunk)))
+        let mut chunks = items.chunks(per).enumerate();
+        let (_, first) = chunks.next().unwrap_or((0, &[]));
+        // A thread the OS refuses leaves its part to this one.
+        let others: Vec<_> = chunks
+            .map(|(k, chunk)| {
+                let spawned = std::thread::Builder::new()
+                    .spawn_scoped(scope, move || parse_part(k * per, chunk))
+                    .ok();
+                (k, chunk, spawned)
+            })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a parse thread panicked"))
-            .collect()
+        let mut parts = vec![parse_part(0, first)];
+        for (k, chunk, spawned) in others {
+            parts.push(match spawned {
+                // A panic in a part is the caller's, as if parsed here.
+                Some(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                None => parse_part(k * per, chunk),
+            });
+        }
+        parts
     });
     let mut tasks = Vec::with_capacity(items.len());
     for part in parts {
         tasks.extend(part?);
+    }
+    Ok(tasks)
+}
+
+/// Parses and checks `items`, the batch's tasks from index `offset` on.
+fn parse_part(
+    offset: usize,
+    items: &[&serde_json::value::RawValue],
+) -> Result<Vec<NewTask>, BatchBodyError> {
+    let mut tasks = Vec::with_capacity(items.len());
+    for (i, raw) in items.iter().enumerate() {
+        let v: Value = serde_json::from_str(raw.get()).map_err(BatchBodyError::Malformed)?;
+        tasks.push(NewTask::from_json(&v, &format!("tasks[{}]", offset + i))?);
     }
     Ok(tasks)
 }
@@ -921,44 +945,54 @@ mod tests {
 
     #[test]
     fn a_large_batch_keeps_its_order_and_reports_its_first_bad_task() {
+        use serde_json::value::RawValue;
         let n = 3 * PARALLEL_PARSE_FROM + 7;
-        let body = |bad: &[usize]| {
-            let tasks: Vec<Value> = (0..n)
+        let raws = |bad: &[usize]| -> Vec<Box<RawValue>> {
+            (0..n)
                 .map(|i| {
-                    if bad.contains(&i) {
+                    let task = if bad.contains(&i) {
                         json!({"model": "m", "prompt": "x", "priority": i})
                     } else {
                         json!({"model": format!("m{i}"), "prompt": "x"})
-                    }
+                    };
+                    RawValue::from_string(task.to_string()).unwrap()
                 })
-                .collect();
-            json!({"tasks": tasks}).to_string()
+                .collect()
         };
-        let ok = NewBatch::from_slice(body(&[]).as_bytes()).unwrap();
-        assert_eq!(ok.tasks.len(), n);
-        assert!(
-            ok.tasks
-                .iter()
-                .enumerate()
-                .all(|(i, t)| t.model == format!("m{i}")),
-            "the tasks come back in the order sent"
-        );
-        // Bad tasks in the last and in an earlier part: the first is named,
-        // with its index in the whole batch.
-        for (bad, first) in [
-            (vec![n - 1], n - 1),
-            (
-                vec![n - 2, PARALLEL_PARSE_FROM + 1],
-                PARALLEL_PARSE_FROM + 1,
-            ),
-        ] {
-            match NewBatch::from_slice(body(&bad).as_bytes()) {
-                Err(BatchBodyError::Invalid(e)) => {
-                    assert_eq!(e.field, format!("tasks[{first}].priority"))
+        let good = raws(&[]);
+        let good: Vec<&RawValue> = good.iter().map(|r| r.as_ref()).collect();
+        // Bad tasks in the last part and in an earlier one: the first is
+        // named, with its index in the whole batch.
+        let bad = raws(&[n - 1, n - 2, PARALLEL_PARSE_FROM + 1]);
+        let bad: Vec<&RawValue> = bad.iter().map(|r| r.as_ref()).collect();
+        let last = raws(&[n - 1]);
+        let last: Vec<&RawValue> = last.iter().map(|r| r.as_ref()).collect();
+        for threads in 1..=4 {
+            let ok = parse_tasks_on(&good, threads).unwrap();
+            assert_eq!(ok.len(), n);
+            assert!(
+                ok.iter()
+                    .enumerate()
+                    .all(|(i, t)| t.model == format!("m{i}")),
+                "{threads} threads: the tasks come back in the order sent"
+            );
+            for (items, first) in [(&bad, PARALLEL_PARSE_FROM + 1), (&last, n - 1)] {
+                match parse_tasks_on(items, threads) {
+                    Err(BatchBodyError::Invalid(e)) => {
+                        assert_eq!(
+                            e.field,
+                            format!("tasks[{first}].priority"),
+                            "{threads} threads"
+                        )
+                    }
+                    other => panic!("{threads} threads: {other:?}"),
                 }
-                other => panic!("{other:?}"),
             }
         }
+        // And through the whole body, on this machine's threads.
+        let body = json!({"tasks": (0..n).map(|i| json!({"model": format!("m{i}"), "prompt": "x"})).collect::<Vec<_>>()});
+        let batch = NewBatch::from_slice(body.to_string().as_bytes()).unwrap();
+        assert_eq!(batch.tasks[n - 1].model, format!("m{}", n - 1));
     }
 
     #[test]

@@ -211,8 +211,9 @@ async fn a_copied_batch_reads_back_exactly(pool: PgPool) {
         tasks: tasks.clone(),
         metadata: None,
     };
+    let batch_id = uuid::Uuid::now_v7();
     let accepted = svc
-        .submit_batch_with_key("team-x", uuid::Uuid::now_v7(), &batch, None)
+        .submit_batch_with_key("team-x", batch_id, &batch, None)
         .await
         .unwrap();
     let queue_core::service::Submission::New(accepted) = accepted else {
@@ -221,6 +222,7 @@ async fn a_copied_batch_reads_back_exactly(pool: PgPool) {
     for (id, sent) in accepted.ids.iter().zip(&tasks) {
         let stored = svc.store.task(*id).await.unwrap().unwrap();
         assert_eq!(stored.tenant, "team-x");
+        assert_eq!(stored.batch_id, Some(batch_id));
         assert_eq!(stored.model, sent.model);
         assert_eq!(stored.input.0, sent.input);
         assert_eq!(

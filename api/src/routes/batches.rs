@@ -66,26 +66,34 @@ async fn submit(
     JsonBytes(body): JsonBytes,
 ) -> Result<(StatusCode, Json<Value>)> {
     caller.need(Scope::Submit)?;
-    // The fingerprint needs the whole tree; only a keyed submission pays
-    // for it.
-    let key = if headers.contains_key(crate::routes::tasks::IDEMPOTENCY_KEY) {
-        let tree: Value =
-            serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-        idempotency_key(&headers, "batches", &tree)?
-    } else {
-        None
-    };
-    // Up to 100,000 tasks: off the runtime's threads, so the requests they
-    // serve meanwhile are not held up. The body is dropped there, not held
-    // beside the tasks while they are written.
-    let batch = tokio::task::spawn_blocking(move || NewBatch::from_slice(&body))
-        .await
-        // A panic in the parse is this request's, as if it ran here.
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        .map_err(|e| match e {
+    // Up to 100,000 tasks: parsed (and, for a keyed submission, hashed)
+    // off the runtime's threads, so the requests they serve meanwhile are
+    // not held up. The body is dropped there, not held beside the tasks
+    // while they are written.
+    let parsed = tokio::task::spawn_blocking(move || {
+        // The fingerprint needs the whole tree; only a keyed submission
+        // pays for it.
+        let key = if headers.contains_key(crate::routes::tasks::IDEMPOTENCY_KEY) {
+            let tree: Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+            idempotency_key(&headers, "batches", &tree)?
+        } else {
+            None
+        };
+        let batch = NewBatch::from_slice(&body).map_err(|e| match e {
             BatchBodyError::Malformed(e) => ApiError::MalformedJson(e.to_string()),
             BatchBodyError::Invalid(e) => ApiError::Invalid(e),
         })?;
+        Ok::<_, ApiError>((key, batch))
+    })
+    .await;
+    let (key, batch) = match parsed {
+        Ok(parsed) => parsed?,
+        // A panic in the parse is this request's, as if it ran here.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down: nothing was written; try again.
+        Err(_) => return Err(ApiError::Overloaded),
+    };
     let tokens = batch.tasks.iter().map(|t| t.token_estimate()).sum();
     auth::admit(&state, &caller, tokens, batch.tasks.len() as u64).await?;
     let id = Uuid::now_v7();

@@ -76,15 +76,12 @@ async fn copy_tasks(
         let cache = if t.cache { 't' } else { 'f' };
         let _ = writeln!(buf, "\t{}\t{cache}", t.max_attempts);
         if buf.len() >= COPY_BUFFER {
-            copy.send(std::mem::replace(
-                &mut buf,
-                Vec::with_capacity(COPY_BUFFER + 4096),
-            ))
-            .await?;
+            copy.send(buf.as_slice()).await?;
+            buf.clear();
         }
     }
     if !buf.is_empty() {
-        copy.send(buf).await?;
+        copy.send(buf.as_slice()).await?;
     }
     copy.finish().await?;
     Ok(())
