@@ -362,9 +362,11 @@ async fn the_cli_submits_waits_runs_batches_and_generates_load() {
     assert!(sent > 0 && dropped > 0, "{summary}");
     // About 2,000 arrivals (fewer if this generator itself was starved).
     assert!((1_000..=2_100).contains(&(sent + dropped)), "{summary}");
-    assert_eq!(
-        summary["failed_rate"].as_f64().unwrap(),
-        dropped as f64 / (sent + dropped) as f64
+    // (serde_json's default float parse may miss the last bit.)
+    let failed_rate = summary["failed_rate"].as_f64().unwrap();
+    assert!(
+        (failed_rate - dropped as f64 / (sent + dropped) as f64).abs() < 1e-9,
+        "the gated rate is dropped over arrivals: {summary}"
     );
     assert_eq!(
         out.status.code(),
