@@ -954,3 +954,42 @@ impl Store {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group commit of 1,000 single submissions (no batch, no key) takes
+    /// the COPY path, whose batch column is then COPY's null marker.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_copied_group_without_a_batch_stores_no_batch(pool: sqlx::PgPool) {
+        let svc = crate::testkit::service(pool);
+        let tasks: Vec<NewTask> = (0..COPY_MIN_ROWS)
+            .map(|i| {
+                let body = serde_json::json!({"model": "m", "prompt": format!("p\t{i}")});
+                NewTask::from_json(&body, "").unwrap()
+            })
+            .collect();
+        let rows: Vec<Row<'_>> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, task)| Row {
+                id: Uuid::now_v7(),
+                tenant: if i % 2 == 0 { "a" } else { "b" },
+                task,
+            })
+            .collect();
+        let Inserted::New(created_at) = svc.store.insert_tasks(None, &rows, None).await.unwrap()
+        else {
+            panic!("no key, so new");
+        };
+        for (i, row) in rows.iter().enumerate() {
+            let stored = svc.store.task(row.id).await.unwrap().unwrap();
+            assert_eq!(stored.batch_id, None);
+            assert_eq!(stored.tenant, row.tenant, "each row keeps its own tenant");
+            assert_eq!(stored.input.0, row.task.input);
+            assert_eq!(stored.created_at, created_at);
+            assert_eq!(stored.status, TaskStatus::Queued, "task {i}");
+        }
+    }
+}
