@@ -14,9 +14,10 @@ UNITS = {
     "p50_ms": ("ms p50", 1), "p95_ms": ("ms p95", 1), "p99_ms": ("ms p99", 1), "max_ms": ("ms max", 1),
     "error_rate": ("error rate", 4), "api_mib": ("MiB API", 0), "worker_mib": ("MiB worker", 0),
     "exactly_3": ("with exactly 3 attempts", 0), "lost": ("lost", 0), "more_than_3": ("ran more than 3 times", 0),
+    "dropped": ("dropped", 0),
 }
 SHOWN = ["jobs_per_s", "achieved_per_s", "p50_ms", "p99_ms", "max_ms", "error_rate", "seconds",
-         "api_mib", "worker_mib", "exactly_3", "lost", "more_than_3"]
+         "dropped", "api_mib", "worker_mib", "exactly_3", "lost", "more_than_3"]
 
 
 def fmt(values, digits):

@@ -328,6 +328,12 @@ fn submitted(s: &Value) -> Fig {
     );
     fig.numbers.push(("achieved_per_s", achieved));
     fig.numbers.push(("error_rate", errors));
+    // Only a capped load (`--max-in-flight`) drops arrivals.
+    if !s["max_in_flight"].is_null() {
+        let dropped = s["dropped"].as_u64().unwrap_or(0);
+        fig.text = format!("{}, dropped {dropped}", fig.text);
+        fig.numbers.push(("dropped", dropped as f64));
+    }
     fig
 }
 
@@ -603,6 +609,36 @@ async fn workloads(
             submitted(&s),
         );
         row("W4", "peak RSS", rss(api.peak_rss_mib(), None));
+        api.stop().await;
+        // The top rate again with at most 1,024 requests open (k6's
+        // maxVUs), on an API of its own: what the API holds when its
+        // clients do not open connections without bound, as the uncapped
+        // generator above does once the API falls behind.
+        let api = rig.api().await?;
+        let top = sizes.w4_rates[sizes.w4_rates.len() - 1];
+        let t = top.to_string();
+        let s = rig
+            .load(&[
+                "--rate",
+                &t,
+                "--duration",
+                &secs,
+                "--model",
+                "w4",
+                "--max-in-flight",
+                "1024",
+            ])
+            .await?;
+        row(
+            "W4",
+            &format!("POST /tasks at {top}/s for {secs} s, at most 1024 open"),
+            submitted(&s),
+        );
+        row(
+            "W4",
+            "peak RSS, at most 1024 open",
+            rss(api.peak_rss_mib(), None),
+        );
         api.stop().await;
     }
 
