@@ -78,6 +78,9 @@ const SMOKE: Sizes = Sizes {
 };
 
 /// The job of BENCHMARKS.md: a 200-character prompt, `max_tokens` 64.
+/// Requests open at once in W4's capped run of its top rate.
+const W4_CAP: usize = 1024;
+
 fn job(model: &str, sim: Option<Value>) -> Value {
     let prompt: String = "The quick brown fox jumps over the lazy dog. "
         .chars()
@@ -616,7 +619,7 @@ async fn workloads(
         // generator above does once the API falls behind.
         let api = rig.api().await?;
         let top = sizes.w4_rates[sizes.w4_rates.len() - 1];
-        let t = top.to_string();
+        let (t, cap) = (top.to_string(), W4_CAP.to_string());
         let s = rig
             .load(&[
                 "--rate",
@@ -626,17 +629,17 @@ async fn workloads(
                 "--model",
                 "w4",
                 "--max-in-flight",
-                "1024",
+                &cap,
             ])
             .await?;
         row(
             "W4",
-            &format!("POST /tasks at {top}/s for {secs} s, at most 1024 open"),
+            &format!("POST /tasks at {top}/s for {secs} s, at most {W4_CAP} open"),
             submitted(&s),
         );
         row(
             "W4",
-            "peak RSS, at most 1024 open",
+            &format!("peak RSS, at most {W4_CAP} open"),
             rss(api.peak_rss_mib(), None),
         );
         api.stop().await;

@@ -394,20 +394,12 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
     if let (Some(path), Some(samples)) = (&args.csv, s.samples.take()) {
         write_csv(path, samples)?;
     }
+    let rate = |n: u64, of: u64| if of == 0 { 0.0 } else { n as f64 / of as f64 };
     let total = s.ok + s.errors;
-    let error_rate = if total == 0 {
-        0.0
-    } else {
-        s.errors as f64 / total as f64
-    };
     let dropped = shared.dropped.load(Ordering::Relaxed);
-    let arrivals = total + dropped;
+    let error_rate = rate(s.errors, total);
     // What `--max-error-rate` gates: errors and dropped arrivals alike.
-    let failed_rate = if arrivals == 0 {
-        0.0
-    } else {
-        (s.errors + dropped) as f64 / arrivals as f64
-    };
+    let failed_rate = rate(s.errors + dropped, total + dropped);
     Ok(json!({
         "requests": total,
         "ok": s.ok,

@@ -716,10 +716,10 @@ const PARALLEL_PARSE_FROM: usize = 4_096;
 /// 50,000 tasks). The error reported is the first task's in order, as when
 /// parsed on one thread.
 fn parse_tasks(items: &[&serde_json::value::RawValue]) -> Result<Vec<NewTask>, BatchBodyError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     if items.len() < PARALLEL_PARSE_FROM {
         return parse_part(0, items);
     }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     parse_tasks_on(items, threads)
 }
 
