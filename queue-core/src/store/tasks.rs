@@ -1,4 +1,11 @@
 //! Task rows: insert, claim, finish, cancel, read.
+//!
+//! Statements that reach tasks by id (claims, outcomes, lease renewals,
+//! progress, cancels, reads) run on the store's `by_id` connections and test
+//! a task's status as `(...) IS TRUE`: the same test for a `NOT NULL`
+//! column, but one the planner cannot match to the predicate of a partial
+//! index, so their plans, made once per connection, always go through the
+//! primary key (see [`Store::new`]).
 
 use std::time::Duration;
 
@@ -442,14 +449,14 @@ impl Store {
                        lease_until = now() + make_interval(secs => $2)
                  WHERE id = ANY($1)
                    AND (status = 'queued'
-                        OR (status = 'scheduled' AND run_at <= now() + interval '1 second'))
+                        OR (status = 'scheduled' AND run_at <= now() + interval '1 second')) IS TRUE
              RETURNING id, tenant, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at, run
              )
              SELECT * FROM claimed",
         )
         .bind(ids)
         .bind(lease.as_secs_f64())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.by_id)
         .await?;
         Ok(rows)
     }
@@ -464,7 +471,7 @@ impl Store {
                 "WITH t AS (
                     UPDATE tasks SET status = 'succeeded', result = $3, error = NULL, progress = NULL,
                                      finished_at = now(), lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
                  RETURNING id
                  )
                  SELECT count(*) FROM t",
@@ -481,7 +488,7 @@ impl Store {
                            run_at = CASE WHEN attempts >= max_attempts THEN NULL ELSE $4 END,
                            finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                            error = $3, lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
                  RETURNING id, run, attempts, attempt_started_at, status
                  ), h AS (
                     INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -497,7 +504,7 @@ impl Store {
             Finish::Failed { error } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'failed', error = $3, finished_at = now(), lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
                  RETURNING id
                  )
                  SELECT count(*) FROM t",
@@ -508,7 +515,7 @@ impl Store {
             Finish::Released { reason } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'queued', attempts = attempts - 1, lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND status = 'running'
+                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
                  RETURNING id, run, attempts + 1 AS attempt, attempt_started_at
                  ), h AS (
                     INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -520,7 +527,7 @@ impl Store {
             .bind(attempt)
             .bind(reason),
         };
-        let n: i64 = query.fetch_one(&self.pool).await?.try_get(0)?;
+        let n: i64 = query.fetch_one(&self.by_id).await?.try_get(0)?;
         Ok(n == 1)
     }
 
@@ -541,12 +548,12 @@ impl Store {
              )
              UPDATE tasks t SET progress = u.progress
                FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, progress), free
-              WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND t.status = 'running'",
+              WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND (t.status = 'running') IS TRUE",
         )
         .bind(&ids)
         .bind(&attempts)
         .bind(&values)
-        .execute(&self.pool)
+        .execute(&self.by_id)
         .await?;
         Ok(())
     }
@@ -602,7 +609,7 @@ impl Store {
              ), renewed AS (
                 UPDATE tasks t SET lease_until = now() + make_interval(secs => $3)
                   FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, attempt), free
-                 WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND t.status = 'running'
+                 WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND (t.status = 'running') IS TRUE
              RETURNING t.id
              )
              SELECT id FROM renewed
@@ -612,7 +619,7 @@ impl Store {
         .bind(&ids)
         .bind(&attempts)
         .bind(lease.as_secs_f64())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.by_id)
         .await?)
     }
 
@@ -641,7 +648,7 @@ impl Store {
                        run_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN NULL ELSE u.run_at END,
                        finished_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN now() END,
                        error = u.error, lease_until = NULL
-                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND tasks.status = 'running'
+                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND (tasks.status = 'running') IS TRUE
              RETURNING tasks.id, tasks.run, tasks.attempts, tasks.attempt_started_at, tasks.status, u.error
              ), h AS (
                 INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -654,7 +661,7 @@ impl Store {
         .bind(&attempts)
         .bind(&errors)
         .bind(&run_at)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.by_id)
         .await?)
     }
 
@@ -674,7 +681,7 @@ impl Store {
              ), t AS (
                 UPDATE tasks SET status = 'succeeded', result = u.result, error = NULL, progress = NULL,
                                  finished_at = now(), lease_until = NULL
-                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND tasks.status = 'running'
+                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND (tasks.status = 'running') IS TRUE
              RETURNING tasks.id
              )
              SELECT id FROM t",
@@ -682,7 +689,7 @@ impl Store {
         .bind(&ids)
         .bind(&attempts)
         .bind(&results)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.by_id)
         .await?)
     }
 
@@ -776,7 +783,7 @@ impl Store {
         let sql = format!(
             "WITH t AS (
                 UPDATE tasks SET status = 'cancelled', finished_at = now(), run_at = NULL, lease_until = NULL
-                 WHERE id = $1 AND status IN ('queued', 'scheduled', 'running')
+                 WHERE id = $1 AND (status IN ('queued', 'scheduled', 'running')) IS TRUE
                    AND ($2::text IS NULL OR tenant = $2)
              RETURNING {TASK_COLUMNS}
              )
@@ -785,7 +792,7 @@ impl Store {
         let cancelled = sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(tenant)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.by_id)
             .await?;
         if let Some(task) = cancelled {
             return Ok(CancelOutcome::Cancelled(Box::new(task)));
@@ -807,7 +814,7 @@ impl Store {
         Ok(
             sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1) AND status = 'cancelled'")
                 .bind(ids)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.by_id)
                 .await?,
         )
     }
@@ -897,7 +904,7 @@ impl Store {
         Ok(
             sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(SQL.as_str()))
                 .bind(ids)
-                .fetch_all(&self.reads)
+                .fetch_all(&self.by_id)
                 .await?
                 .into_iter()
                 .map(|r| (r.task, r.history.0))
