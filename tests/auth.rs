@@ -434,6 +434,41 @@ async fn a_client_that_trickles_headers_or_a_body_is_cut_off() {
 }
 
 #[tokio::test]
+async fn past_the_connection_cap_a_client_waits_for_a_connection_to_close() {
+    let env = Env::new("auth-conncap");
+    let mut api = env.api(&[("INFERQ_MAX_CONNECTIONS", "2".to_owned())]).await;
+    let addr = api.base.trim_start_matches("http://").to_owned();
+    // The readiness check's keep-alive connection closes with its client;
+    // then two idle connections of ours fill the cap.
+    api.http = reqwest::Client::new();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let request = |addr: String| async move {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        conn.read_to_end(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let mut third = tokio::spawn(request(addr.clone()));
+    // The kernel completes its handshake, but the API does not accept it
+    // while two connections are open.
+    let early = tokio::time::timeout(Duration::from_secs(2), &mut third).await;
+    assert!(early.is_err(), "answered past the cap: {early:?}");
+    // One closes: the waiting client is served.
+    drop(held.pop());
+    let answer = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("served within 10 s of a connection closing")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
 async fn the_api_serves_https_with_the_configured_certificate() {
     let env = Env::new("auth-tls");
     let dir = std::env::temp_dir().join(format!("inferq-tls-{}", uuid::Uuid::now_v7().simple()));

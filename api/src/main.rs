@@ -94,7 +94,10 @@ async fn main() -> anyhow::Result<()> {
         listener,
         app(state, api.max_body_bytes),
         tls,
-        Duration::from_secs(api.header_timeout_secs),
+        inferq_api::serve::Limits {
+            header_timeout: Duration::from_secs(api.header_timeout_secs),
+            max_connections: api.max_connections as usize,
+        },
         queue_core::shutdown::signal(),
     )
     .await;

@@ -1,7 +1,8 @@
 //! The accept loop, instead of `axum::serve`, for what that lacks: a
 //! timeout on reading request headers (a client that trickles its headers
 //! cannot hold a connection, and a task, forever; hyper applies it to idle
-//! keep-alive connections too) and optional TLS with rustls.
+//! keep-alive connections too), a cap on open connections, and optional
+//! TLS with rustls.
 //!
 //! HTTP/1.1 only: every client of a job queue speaks it, and HTTP/2 would
 //! bring a second protocol stack whose header timeout hyper lacks.
@@ -10,7 +11,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
@@ -19,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -30,6 +32,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// requests (the worker's grace is longer; the API's requests are short,
 /// except long-polls, which end with the state they have).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one warning this often while the connection cap holds clients
+/// back.
+const CAP_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The TLS configuration of a PEM certificate chain and private key.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
@@ -52,23 +57,55 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// How connections are served.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest wait for a request's headers (and on an idle keep-alive
+    /// connection).
+    pub header_timeout: Duration,
+    /// Connections open at once; past it, accepting waits for one to close.
+    pub max_connections: usize,
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops
 /// accepting and lets open connections finish (up to [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<TlsAcceptor>,
-    header_timeout: Duration,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(limits.header_timeout);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let mut shutdown = pin!(shutdown);
+    // A permit per open connection. At the cap the loop stops accepting:
+    // new clients wait in the kernel's accept queue (and past its length
+    // their connects are retried by their own kernels) instead of each
+    // costing this process memory, and are served as connections close.
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let mut warned: Option<Instant> = None;
     loop {
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if warned.is_none_or(|at| at.elapsed() >= CAP_WARN_EVERY) {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "at the connection cap: new clients wait until a connection closes"
+                    );
+                    warned = Some(Instant::now());
+                }
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    p = open.clone().acquire_owned() => p.expect("never closed"),
+                }
+            }
+        };
         let tcp = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -88,6 +125,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let (builder, tls) = (builder.clone(), tls.clone());
         tokio::spawn(async move {
+            let _open = permit;
             let result = match tls {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(tcp), service);

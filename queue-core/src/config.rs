@@ -66,6 +66,15 @@ pub struct ApiConfig {
     #[arg(long, env = "INFERQ_MAX_SUBMISSIONS", default_value_t = 512)]
     pub max_submissions: usize,
 
+    /// Connections open at once; past it, new clients wait in the kernel's
+    /// accept queue until one closes. Each open connection costs memory
+    /// (about 25 KiB with a long-poll parked on it), so this bounds what a
+    /// flood of clients can make the process hold; the default leaves room
+    /// for 10,000 long-polls. Needs as many file descriptors (`ulimit -n`).
+    #[arg(long, env = "INFERQ_MAX_CONNECTIONS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// Serve the dashboard's files from this directory instead of the
     /// copies built into the binary (for working on the dashboard).
     #[arg(long, env = "INFERQ_UI_DIR")]
