@@ -32,7 +32,7 @@ pub struct Service {
 /// one query, up to this many, with at most [`READS_IN_FLIGHT`] queries at
 /// once. Nothing waits for company: an idle reader reads at once.
 const READ_MAX: usize = 512;
-const READS_IN_FLIGHT: usize = crate::store::BY_ID_CONNECTIONS as usize;
+const READS_IN_FLIGHT: usize = crate::store::READ_CONNECTIONS as usize;
 
 type TaskWithHistory = (TaskRecord, Vec<AttemptRecord>);
 

@@ -31,10 +31,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
-    /// Statements that reach tasks by id: the API's shared reader (see
-    /// [`Store::tasks_with_history`]), cancels, and the worker's claims,
-    /// outcomes, lease renewals and progress. On connections of their own
-    /// whose plans are made once and are always primary-key lookups (see
+    /// Reads of tasks by id (the API's shared reader; see
+    /// [`Store::tasks_with_history`]), on connections of their own that
+    /// never plan a sequential scan.
+    reads: PgPool,
+    /// Writes of tasks by id: the worker's claims, outcomes, lease renewals
+    /// and progress, and cancels, on connections of their own that plan
+    /// each statement for its ids and the table as it is (see
     /// [`Store::new`]).
     by_id: PgPool,
 }
@@ -43,37 +46,53 @@ pub struct Store {
 /// during an outage gets 503 quickly instead of hanging on the pool.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Connections of [`Store::by_id`]: the API's shared reader has at most this
-/// many queries in flight; a worker's two fetchers, its completer and its
-/// heartbeat each use one.
-pub const BY_ID_CONNECTIONS: u32 = 4;
+/// Connections of [`Store::reads`]: the shared reader has at most this many
+/// queries in flight.
+pub const READ_CONNECTIONS: u32 = 4;
+
+/// Connections of [`Store::by_id`]: a worker's two fetchers, its completer
+/// and its heartbeat each use one at a time, with room for attempts that
+/// end one by one (failed, released).
+const BY_ID_CONNECTIONS: u32 = 6;
 
 impl Store {
-    /// Over `pool`; the statements by id open their own connections to the
-    /// same server, when first needed.
+    /// Over `pool`; the reads and writes by id open their own connections
+    /// to the same server, when first needed.
     pub fn new(pool: PgPool) -> Store {
         // A prepared statement is planned for its parameters at each run
-        // while that looks cheaper than one generic plan, which for a few
-        // ids it always does: each read was planned anew, 28 % of
-        // PostgreSQL's time in W2. These connections use the generic plan
-        // from the first run, and that plan is kept for the connection's
-        // life, however the table grows. So it must be right for any size:
-        // made while `tasks` is small (a fresh deployment, any test), it
-        // would be a sequential scan, or a scan of a whole partial index
-        // (which keeps an entry for every row version that ever matched,
-        // until a vacuum). Sequential scans are off here, and the
-        // statements test status as `(...) IS TRUE`, which the planner
-        // cannot match to a partial index's predicate: the primary key is
-        // the only way left to their rows.
+        // while that looks cheaper than one generic plan, which for reads
+        // of one or a few ids it always does: each read was planned anew,
+        // 28 % of PostgreSQL's time in W2. These connections use the
+        // generic plan from the first run. Made while `tasks` is small (a
+        // fresh deployment, any test), that plan would be a sequential scan
+        // kept for the connection's life, every read then costing the whole
+        // table as it grows; with sequential scans off it is an index
+        // lookup, whatever the table's size.
         let options = (*pool.connect_options()).clone().options([
             ("enable_seqscan", "off"),
             ("plan_cache_mode", "force_generic_plan"),
         ]);
+        let reads = PgPoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        // The writes by id join their ids to `tasks`, and a plan made once
+        // while the table was small (or analyzed small) stays a scan of a
+        // whole index joined to the ids, each run costing more as the table
+        // grows: a partial index above all, which keeps an entry for every
+        // row version that ever matched until a vacuum (103 million entries
+        // read in 90 s at 500 tasks/s here). So they are planned at each
+        // run, for their ids and the table's size then; and they test
+        // status as `(...) IS TRUE`, which the planner cannot match to a
+        // partial index's predicate, so the primary key is their way in.
+        let options = (*pool.connect_options())
+            .clone()
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let by_id = PgPoolOptions::new()
             .max_connections(BY_ID_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        Store { pool, by_id }
+        Store { pool, reads, by_id }
     }
 
     /// Connects (creating the database first when configured to).
@@ -126,6 +145,7 @@ impl Store {
 
     /// Closes every connection, waiting for those in use to come back.
     pub async fn close(&self) {
+        self.reads.close().await;
         self.by_id.close().await;
         self.pool.close().await;
     }

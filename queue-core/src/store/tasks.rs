@@ -1,11 +1,11 @@
 //! Task rows: insert, claim, finish, cancel, read.
 //!
-//! Statements that reach tasks by id (claims, outcomes, lease renewals,
-//! progress, cancels, reads) run on the store's `by_id` connections and test
-//! a task's status as `(...) IS TRUE`: the same test for a `NOT NULL`
-//! column, but one the planner cannot match to the predicate of a partial
-//! index, so their plans, made once per connection, always go through the
-//! primary key (see [`Store::new`]).
+//! Writes of tasks by id (claims, outcomes, lease renewals, progress,
+//! cancels) run on the store's `by_id` connections, which plan them at each
+//! run, and test a task's status as `(...) IS TRUE`: the same test for a
+//! `NOT NULL` column, but one the planner cannot match to the predicate of
+//! a partial index, so they reach their rows through the primary key (see
+//! [`Store::new`]).
 
 use std::time::Duration;
 
@@ -904,7 +904,7 @@ impl Store {
         Ok(
             sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(SQL.as_str()))
                 .bind(ids)
-                .fetch_all(&self.by_id)
+                .fetch_all(&self.reads)
                 .await?
                 .into_iter()
                 .map(|r| (r.task, r.history.0))
