@@ -68,9 +68,10 @@ pub struct ApiConfig {
 
     /// Connections open at once; past it, new clients wait in the kernel's
     /// accept queue until one closes. Each open connection costs memory
-    /// (about 20 to 25 KiB, a long-poll parked on it included), so this bounds what a
-    /// flood of clients can make the process hold; the default leaves room
-    /// for 10,000 long-polls. Needs as many file descriptors (`ulimit -n`).
+    /// (about 20 to 25 KiB, a long-poll parked on it included), so this
+    /// bounds what a flood of clients can make the process hold; the
+    /// default leaves room for 10,000 long-polls. Needs as many file
+    /// descriptors (`ulimit -n`).
     #[arg(long, env = "INFERQ_MAX_CONNECTIONS", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,

@@ -2,10 +2,10 @@
 //!
 //! Writes of tasks by id (claims, outcomes, lease renewals, progress,
 //! cancels) run on the store's `by_id` connections, which plan them at each
-//! run, and test a task's status as `(...) IS TRUE`: the same test for a
-//! `NOT NULL` column, but one the planner cannot match to the predicate of
-//! a partial index, so they reach their rows through the primary key (see
-//! [`Store::new`]).
+//! run. Where their status test could match a partial index's predicate it
+//! is written `(...) IS TRUE`: the same test for a `NOT NULL` column, but
+//! one the planner cannot match, so they reach their rows through the
+//! primary key (see [`Store::new`]).
 
 use std::time::Duration;
 
