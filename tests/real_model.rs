@@ -1,7 +1,8 @@
-//! A real model end to end: SmolLM2-135M served on the CPU by
-//! llama-cpp-python's OpenAI-compatible server, behind the real API and
-//! worker binaries. Text is not checked word for word (a model is not
-//! deterministic across builds); structure and real usage counts are.
+//! A real model end to end: SmolLM2-135M run on the CPU by llama.cpp
+//! (npm's node-llama-cpp, prebuilt) behind `scripts/llm-server/server.mjs`,
+//! an OpenAI-compatible server, behind the real API and worker binaries.
+//! Text is not checked word for word (a model is not deterministic across
+//! builds); structure and real usage counts are.
 //!
 //! Needs `scripts/llm-server.sh install` (CI runs it; `.ci/run` and
 //! `scripts/test.sh` do it for you).
@@ -12,45 +13,16 @@ use std::time::{Duration, Instant};
 use inferq_e2e::{Env, free_port};
 use serde_json::{Value, json};
 
-fn script(arg: &str) -> String {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/llm-server.sh");
-    let out = std::process::Command::new("bash")
-        .arg(root)
-        .arg(arg)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_through_a_real_model() {
-    let (python, model) = (script("python"), script("model"));
-    assert!(
-        std::path::Path::new(&python).exists() && std::path::Path::new(&model).exists(),
-        "the real model is not installed: run scripts/llm-server.sh install"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/llm-server.sh");
     let port = free_port();
-    let mut server = tokio::process::Command::new(&python)
-        .args([
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            &model,
-            "--host",
-            "127.0.0.1",
-        ])
-        .args([
-            "--port",
-            &port.to_string(),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "2",
-            "--model_alias",
-            "smollm2",
-        ])
+    let log = std::env::temp_dir().join(format!("inferq-llm-server-{port}.log"));
+    // `run` execs node, so killing this child stops the server.
+    let mut server = tokio::process::Command::new("bash")
+        .args([script, "run", &port.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -62,7 +34,11 @@ async fn a_batch_through_a_real_model() {
             start.elapsed() < Duration::from_secs(120),
             "model server did not start"
         );
-        assert!(server.try_wait().unwrap().is_none(), "model server exited");
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "model server exited (is it installed? scripts/llm-server.sh install): {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -125,8 +101,9 @@ async fn a_batch_through_a_real_model() {
         assert!(["stop", "length"].contains(&r["finish_reason"].as_str().unwrap()));
     }
 
-    // Streaming, on its own: llama-cpp-python's server cuts a stream short
-    // when another request arrives, which the worker treats as retryable.
+    // Streaming: the text arrives as chat.completion.chunk events and the
+    // usage in the last one (the worker asks for it with
+    // stream_options.include_usage).
     let (_, t) = api
         .post(
             "/tasks",
@@ -149,7 +126,12 @@ async fn a_batch_through_a_real_model() {
     );
     assert_eq!(t["status"], "succeeded", "{t}");
     assert!(!r["text"].as_str().unwrap().trim().is_empty(), "{t}");
-    assert!(r["finish_reason"].is_string());
-    // llama-cpp-python sends no usage chunk when streaming: usage stays null.
+    assert!(["stop", "length"].contains(&r["finish_reason"].as_str().unwrap()));
+    let (p, c, total) = (
+        r["usage"]["prompt_tokens"].as_u64().unwrap(),
+        r["usage"]["completion_tokens"].as_u64().unwrap(),
+        r["usage"]["total_tokens"].as_u64().unwrap(),
+    );
+    assert!(p > 0 && (1..=32).contains(&c) && total == p + c, "{r}");
     server.start_kill().unwrap();
 }
