@@ -113,8 +113,10 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors, say: back off, keep serving.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
                 }
             },
         };

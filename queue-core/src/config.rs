@@ -158,15 +158,18 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
 
     /// Most task ids taken from Redis (and claimed in one UPDATE) at once.
-    #[arg(long, env = "INFERQ_CLAIM_BATCH", default_value_t = 64)]
+    #[arg(long, env = "INFERQ_CLAIM_BATCH", default_value_t = 128)]
     pub claim_batch: usize,
 
-    /// Tasks claimed ahead of a free slot, while attempts are short (under
-    /// 50 ms on average): they wait in the worker, lease held, so the next
-    /// pop and claim overlap the running tasks instead of holding slots.
-    /// With longer attempts nothing is claimed ahead, so a busy worker
-    /// never sits on tasks another replica could start.
-    #[arg(long, env = "INFERQ_PREFETCH", default_value_t = 64)]
+    /// Most tasks claimed ahead of a free slot, while attempts are short
+    /// (under 50 ms on average): they wait in the worker, lease held, so
+    /// the next pop and claim overlap the running tasks instead of holding
+    /// slots. Fewer are claimed ahead when fewer keep the slots busy for
+    /// 50 ms (at 20 ms attempts and concurrency 64: 160), so none waits
+    /// much longer than that; with longer attempts nothing is claimed
+    /// ahead, so a busy worker never sits on tasks another replica could
+    /// start.
+    #[arg(long, env = "INFERQ_PREFETCH", default_value_t = 512)]
     pub prefetch: usize,
 
     /// Longest sleep of an idle worker, in milliseconds. New work wakes it
@@ -260,8 +263,8 @@ impl Default for WorkerConfig {
         WorkerConfig {
             concurrency: 32,
             queues: Vec::new(),
-            claim_batch: 64,
-            prefetch: 64,
+            claim_batch: 128,
+            prefetch: 512,
             idle_ms: 1000,
             lease_secs: 30,
             shutdown_grace_secs: 30,

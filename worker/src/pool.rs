@@ -82,6 +82,14 @@ struct Inner {
     attempt_us: AtomicU64,
     /// Tasks claimed ahead that wait for a slot.
     waiting: std::sync::atomic::AtomicUsize,
+    /// Room for every task the worker holds until its attempt ends, claimed
+    /// ahead or running: `concurrency` plus [`Inner::ahead_allowed`],
+    /// resized as attempts' durations change (see [`Inner::resize_room`]).
+    room: Arc<Semaphore>,
+    /// The room's permits, taken or not, as last resized.
+    room_size: Mutex<usize>,
+    /// [`RECORDING`] permits: ended attempts whose outcomes are written.
+    recording: Arc<Semaphore>,
     /// The next pop's turn; held while popping, so turns follow the order
     /// in which Redis gave out ids.
     pop_turns: tokio::sync::Mutex<u64>,
@@ -91,10 +99,15 @@ struct Inner {
 }
 
 /// Tasks are claimed ahead of free slots only while attempts take less
-/// than this on average: then a task waits at most about this long for its
-/// slot, and the fetch round trips (a few ms) would otherwise cost a
-/// noticeable share of each slot's time.
+/// than this on average (the fetch round trips, a few ms, would otherwise
+/// cost a noticeable share of each slot's time), and only as many as the
+/// slots run in this time: a task claimed ahead waits at most about this
+/// long for its slot.
 const PREFETCH_BELOW: Duration = Duration::from_millis(50);
+
+/// Attempts whose outcomes are being written at once: two completer
+/// batches, one being written and the next gathering.
+const RECORDING: usize = 2 * crate::completer::MAX_BATCH;
 
 /// What a claimed task holds: room in the worker, and, once it may call
 /// the backend, a slot.
@@ -137,6 +150,9 @@ impl Worker {
                 wake: Arc::new(tokio::sync::watch::Sender::new(0)),
                 usage: Mutex::new(HashMap::new()),
                 slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                room: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                room_size: Mutex::new(config.concurrency.max(1)),
+                recording: Arc::new(Semaphore::new(RECORDING)),
                 attempt_us: AtomicU64::new(u64::MAX),
                 waiting: Default::default(),
                 pop_turns: tokio::sync::Mutex::new(0),
@@ -178,10 +194,7 @@ impl Worker {
             inner.wake.clone(),
             inner.config.queue_list(),
         ));
-        // Room for every task the worker holds: running, and claimed ahead.
-        let room = Arc::new(Semaphore::new(
-            inner.config.concurrency.max(1) + inner.config.prefetch,
-        ));
+        let room = inner.room.clone();
         tracing::info!(
             concurrency = inner.config.concurrency,
             prefetch = inner.config.prefetch,
@@ -271,6 +284,7 @@ async fn fetch_loop(
         .max(1);
     loop {
         let claim_ahead = inner.claims_ahead();
+        inner.resize_room();
         let first = tokio::select! {
             held = take_room(&inner, &room, claim_ahead) => held,
             () = shutdown.cancelled() => break,
@@ -376,6 +390,36 @@ impl Inner {
     fn claims_ahead(&self) -> bool {
         self.config.prefetch > 0
             && self.attempt_us.load(Ordering::Relaxed) < PREFETCH_BELOW.as_micros() as u64
+    }
+
+    /// How many tasks may wait ahead of a slot now: as many as every slot
+    /// runs in [`PREFETCH_BELOW`] at the recent mean attempt, at most
+    /// `prefetch`. A task claimed ahead then waits about that long at
+    /// most, whatever the attempts' length (with a fixed count, the wait
+    /// grew with them: 64 ahead of one slot is 3 s of 49 ms attempts),
+    /// while attempts of a millisecond get enough ahead that claims of
+    /// `claim_batch` keep overlapping.
+    fn ahead_allowed(&self) -> usize {
+        if !self.claims_ahead() {
+            return 0;
+        }
+        let us = u128::from(self.attempt_us.load(Ordering::Relaxed).max(1));
+        let by_time = self.config.concurrency.max(1) as u128 * PREFETCH_BELOW.as_micros() / us;
+        by_time.min(self.config.prefetch as u128) as usize
+    }
+
+    /// Brings the room to `concurrency` plus [`Inner::ahead_allowed`].
+    /// Growing adds permits at once; shrinking forgets free ones now and
+    /// the rest at later calls, as tasks end (each fetch calls this).
+    fn resize_room(&self) {
+        let want = self.config.concurrency.max(1) + self.ahead_allowed();
+        let mut size = self.room_size.lock().expect("lock");
+        if want > *size {
+            self.room.add_permits(want - *size);
+            *size = want;
+        } else if want < *size {
+            *size -= self.room.forget_permits(*size - want);
+        }
     }
 
     /// Waits until the pops before `ticket` have handed their tasks on.
@@ -799,12 +843,22 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, held: Held) {
             .record(took.as_secs_f64());
         // A slot is a backend call: the next task may start while this
         // outcome is written (batched, a few ms). The task stays in flight
-        // (lease renewed, drained on shutdown) until it is recorded; the
-        // completer's bounded channel holds back a worker whose writes fall
-        // behind.
+        // (lease renewed, drained on shutdown) until it is recorded. Its
+        // slot and room are given back only once it has a place among the
+        // outcomes being written, so a worker whose writes fall behind
+        // stops claiming (without that bound, tasks of a backlog ran
+        // faster than the completer wrote them and piled up in memory: 41
+        // to 73 MiB peak in W1's drain, against 23).
+        let recording = inner
+            .recording
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
         drop(held);
         record(&inner, &task, finish).await;
         forget(&inner, &task);
+        drop(recording);
     }
     .instrument(span)
     .await;
