@@ -375,6 +375,26 @@ async fn the_cli_submits_waits_runs_batches_and_generates_load() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("dropped of"));
 
+    // Refused submissions are errors, and the summary says which kind.
+    let out = cli(&[
+        "load",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--model",
+        "no spaces in a model",
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "errors fail the default gate");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["errors"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(
+        summary["errors_by_outcome"],
+        json!({"refused": summary["errors"]}),
+        "400s are counted as refused: {summary}"
+    );
+
     // A cap the load never reaches drops nothing and fails no gate.
     let out = cli(&[
         "load",

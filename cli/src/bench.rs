@@ -331,6 +331,11 @@ fn submitted(s: &Value) -> Fig {
     );
     fig.numbers.push(("achieved_per_s", achieved));
     fig.numbers.push(("error_rate", errors));
+    // Which errors, when there are any (e.g. `unavailable 620`: 503s).
+    if let Some(kinds) = s["errors_by_outcome"].as_object().filter(|k| !k.is_empty()) {
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        fig.text = format!("{} ({})", fig.text, kinds.join(", "));
+    }
     // Only a capped load (`--max-in-flight`) drops arrivals.
     if !s["max_in_flight"].is_null() {
         let dropped = s["dropped"].as_u64().unwrap_or(0);

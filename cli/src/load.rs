@@ -152,6 +152,10 @@ struct Stats {
     e2e: Histogram<u64>,
     ok: u64,
     errors: u64,
+    /// Errors by kind (`unavailable` is a 503, `task_failed` a task that
+    /// failed or a wait answered without a task), so a summary says what
+    /// went wrong, not only how often.
+    errors_by_outcome: std::collections::BTreeMap<&'static str, u64>,
     /// Kept only when a CSV is asked for.
     samples: Option<Vec<Sample>>,
 }
@@ -168,6 +172,7 @@ impl Stats {
             self.ok += 1;
         } else {
             self.errors += 1;
+            *self.errors_by_outcome.entry(sample.outcome).or_default() += 1;
         }
         if let Some(samples) = &mut self.samples {
             samples.push(sample);
@@ -315,6 +320,7 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
             e2e: histogram(),
             ok: 0,
             errors: 0,
+            errors_by_outcome: Default::default(),
             samples: args.csv.as_ref().map(|_| Vec::new()),
         }),
         started: Instant::now(),
@@ -404,6 +410,7 @@ pub async fn measure(url: &str, bearer: Option<&str>, args: &LoadArgs) -> anyhow
         "requests": total,
         "ok": s.ok,
         "errors": s.errors,
+        "errors_by_outcome": s.errors_by_outcome,
         "error_rate": error_rate,
         "dropped": dropped,
         "failed_rate": failed_rate,
