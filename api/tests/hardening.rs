@@ -106,6 +106,55 @@ async fn oversized_and_deeply_nested_input_is_refused_naming_the_field(pool: PgP
     service.queue.purge().await.unwrap();
 }
 
+/// PostgreSQL stores no NUL in `text` or `jsonb`: one anywhere in a body
+/// is refused up front, naming the innermost field, and nothing of the
+/// request is written.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_nul_character_anywhere_is_refused_naming_its_field(pool: PgPool) {
+    let service = testkit::service(pool);
+    let router = app(AppState::new(service.clone()), LIMIT);
+    let cases = [
+        (
+            "/tasks",
+            json!({"model": "m", "prompt": "a\u{0}b"}),
+            "prompt",
+        ),
+        (
+            "/tasks",
+            json!({"model": "m", "messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "\u{0}"}]}),
+            "messages[1].content",
+        ),
+        (
+            "/tasks",
+            json!({"model": "m", "prompt": "p", "metadata": {"a": {"k\u{0}": 1}}}),
+            "metadata.a",
+        ),
+        (
+            "/batches",
+            json!({"tasks": [{"model": "m", "prompt": "ok"}, {"model": "m", "prompt": "p", "params": {"stop": ["x", "\u{0}"]}}]}),
+            "tasks[1].params.stop[1]",
+        ),
+    ];
+    for (uri, body, field) in cases {
+        let (status, _, resp) = send(&router, post(uri, &body)).await;
+        assert!(status.is_client_error(), "{field}: {status} {resp}");
+        assert_eq!(resp["error"]["field"], field, "{resp}");
+        assert!(
+            resp["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("NUL character"),
+            "{resp}"
+        );
+    }
+    let counts = service.counts().await.unwrap();
+    assert_eq!(
+        counts.iter().map(|(_, n)| n).sum::<i64>(),
+        0,
+        "nothing written"
+    );
+}
+
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn a_body_that_never_arrives_is_408_and_writes_nothing(pool: PgPool) {
     let service = testkit::service(pool);

@@ -279,6 +279,26 @@ fn metadata(obj: &Map<String, Value>, prefix: &str) -> Result<Option<Value>> {
 /// stores none in `text` or `jsonb`, so it would otherwise fail as a 500.
 /// The error names the innermost field that holds it.
 pub fn check_no_nul(value: &Value, path: &str) -> Result<()> {
+    // Paths are built only to name a NUL that is there: a batch body has
+    // hundreds of thousands of values, and formatting a path for each was
+    // a few percent of the API's CPU per batch.
+    if has_nul(value) {
+        locate_nul(value, path)
+    } else {
+        Ok(())
+    }
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+fn locate_nul(value: &Value, path: &str) -> Result<()> {
     let field = |p: &str| {
         if p.is_empty() {
             "body".to_owned()
@@ -294,7 +314,7 @@ pub fn check_no_nul(value: &Value, path: &str) -> Result<()> {
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .try_for_each(|(i, v)| check_no_nul(v, &format!("{path}[{i}]"))),
+            .try_for_each(|(i, v)| locate_nul(v, &format!("{path}[{i}]"))),
         Value::Object(map) => map.iter().try_for_each(|(k, v)| {
             let at = join(path, k);
             if k.contains('\0') {
@@ -303,7 +323,7 @@ pub fn check_no_nul(value: &Value, path: &str) -> Result<()> {
                     "must not contain a NUL character (\\u0000) in a key",
                 ));
             }
-            check_no_nul(v, &at)
+            locate_nul(v, &at)
         }),
         _ => Ok(()),
     }
