@@ -1034,7 +1034,7 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
         Finish::Retry { error, run_at } => Ok(Ended::Retry { error, run_at }),
         other => Err(other),
     };
-    let finish = match batched {
+    match batched {
         Ok(ended) => {
             let (reply, held) = tokio::sync::oneshot::channel();
             let done = crate::completer::Done {
@@ -1049,10 +1049,18 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
             if inner.completions.send(done).await.is_err() || !held.await.unwrap_or(false) {
                 tracing::warn!("outcome not recorded: this attempt no longer holds the task");
             }
-            return;
         }
-        Err(other) => other,
-    };
+        // Boxed: inline, its PostgreSQL and Redis futures made this
+        // function's future 7.3 KB and every attempt's 7.9 KB, moved at
+        // each spawn and held by each task in flight, for outcomes that
+        // are rare (a draining worker's CPU in memmove: 12 % before, 6 %
+        // after).
+        Err(other) => Box::pin(record_alone(inner, task, other)).await,
+    }
+}
+
+/// Writes a failure or a release on its own, then tells Redis.
+async fn record_alone(inner: &Inner, task: &ClaimedTask, finish: Finish) {
     let write = || inner.store.finish(task.id, task.attempts, &finish);
     let held = match write
         .retry(io_backoff())
