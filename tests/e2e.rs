@@ -395,6 +395,21 @@ async fn the_cli_submits_waits_runs_batches_and_generates_load() {
         "400s are counted as refused: {summary}"
     );
 
+    // An API that handles one submission at a time sheds the rest of a
+    // burst with 503 `overloaded`, counted apart from other 503s.
+    let narrow = env.api(&[("INFERQ_MAX_SUBMISSIONS", "1".to_owned())]).await;
+    let out = std::process::Command::new(inferq_e2e::binary("inferq"))
+        .args(["--url", &narrow.base])
+        .args(["load", "--rate", "2000", "--duration", "1", "--quiet"])
+        .output()
+        .unwrap();
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds = summary["errors_by_outcome"].as_object().unwrap();
+    assert!(
+        kinds.keys().all(|k| k == "overloaded") && kinds["overloaded"].as_u64() > Some(0),
+        "{summary}"
+    );
+
     // A cap the load never reaches drops nothing and fails no gate.
     let out = cli(&[
         "load",

@@ -152,9 +152,10 @@ struct Stats {
     e2e: Histogram<u64>,
     ok: u64,
     errors: u64,
-    /// Errors by kind (`unavailable` is a 503, `task_failed` a task that
-    /// failed or a wait answered without a task), so a summary says what
-    /// went wrong, not only how often.
+    /// Errors by kind (`overloaded` a 503 shed by the API, `unavailable`
+    /// another 503, `rate_limited` a 429, `refused` another 4xx,
+    /// `task_failed` a task that failed or a wait answered without a
+    /// task), so a summary says what went wrong, not only how often.
     errors_by_outcome: std::collections::BTreeMap<&'static str, u64>,
     /// Kept only when a CSV is asked for.
     samples: Option<Vec<Sample>>,
@@ -228,7 +229,17 @@ async fn one(shared: &Shared, n: usize) {
                 .and_then(|v| v["id"].as_str().map(str::to_owned));
             (id, Some(submit_us), "ok")
         }
-        Ok(resp) if resp.status().as_u16() == 503 => (None, None, "unavailable"),
+        // The API's 503s are of two kinds: load shed past its submission
+        // cap (`overloaded`) and a store it cannot reach (`unavailable`).
+        Ok(resp) if resp.status().as_u16() == 503 => {
+            let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+            let kind = match body["error"]["code"].as_str() {
+                Some("overloaded") => "overloaded",
+                _ => "unavailable",
+            };
+            (None, None, kind)
+        }
+        Ok(resp) if resp.status().as_u16() == 429 => (None, None, "rate_limited"),
         Ok(resp) if resp.status().is_client_error() => (None, None, "refused"),
         Ok(_) => (None, None, "server_error"),
         Err(_) => (None, None, "connection"),

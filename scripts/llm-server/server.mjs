@@ -52,6 +52,8 @@ function text(content, i) {
 // OpenAI's messages as node-llama-cpp's chat history, the last user message
 // apart: it is what the session is prompted with.
 function parse(body) {
+  if (typeof body !== "object" || body === null || Array.isArray(body))
+    throw new BadRequest(null, "the body must be a JSON object");
   if (body.model !== alias)
     throw Object.assign(new BadRequest("model", `The model '${body.model}' does not exist`), {
       status: 404,
@@ -108,6 +110,13 @@ async function generate(req, onText, signal) {
   await sequence.clearHistory();
   const session = new LlamaChatSession({ contextSequence: sequence, autoDisposeSequence: false });
   session.setChatHistory(req.history);
+  // The prompt as the chat template renders it, counted in tokens: the
+  // token meter counts the prompt's last token as output (it is evaluated
+  // for the first sample's logits), so it is not the prompt's length.
+  const rendered = session.chatWrapper.generateContextState({
+    chatHistory: [...req.history, { type: "user", text: req.prompt }, { type: "model", response: [] }],
+  }).contextText;
+  const promptTokens = rendered.tokenize(model.tokenizer).length;
   const before = sequence.tokenMeter.getState();
   try {
     const out = await session.promptWithMeta(req.prompt, {
@@ -117,13 +126,17 @@ async function generate(req, onText, signal) {
       stopOnAbortSignal: true,
     });
     const used = sequence.tokenMeter.diff(before);
+    // Every token evaluated is the prompt's or a sampled one fed back, and
+    // the last sampled is never fed back: sampled = evaluated - prompt + 1
+    // (an end-of-turn token included, as llama.cpp's server counts it).
+    const completionTokens = used.usedInputTokens + used.usedOutputTokens - promptTokens + 1;
     return {
       text: out.responseText,
       finish: out.stopReason === "maxTokens" ? "length" : "stop",
       usage: {
-        prompt_tokens: used.usedInputTokens,
-        completion_tokens: used.usedOutputTokens,
-        total_tokens: used.usedInputTokens + used.usedOutputTokens,
+        prompt_tokens: promptTokens,
+        completion_tokens: completionTokens,
+        total_tokens: promptTokens + completionTokens,
       },
     };
   } finally {
@@ -163,11 +176,15 @@ async function completions(res, body) {
       usage: out.usage,
     });
   }
-  res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
-  res.write(chunk([{ index: 0, delta: { role: "assistant", content: "" }, finish_reason: null }]));
-  const out = await exclusive(() =>
-    generate(req, (t) => t && res.write(chunk([{ index: 0, delta: { content: t }, finish_reason: null }])), abort.signal),
-  );
+  // The first byte goes out when this request's turn comes, as from a
+  // server that starts generating then.
+  const out = await exclusive(() => {
+    if (abort.signal.aborted) return null; // hung up while waiting
+    res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
+    res.write(chunk([{ index: 0, delta: { role: "assistant", content: "" }, finish_reason: null }]));
+    return generate(req, (t) => t && res.write(chunk([{ index: 0, delta: { content: t }, finish_reason: null }])), abort.signal);
+  });
+  if (!out) return;
   res.write(chunk([{ index: 0, delta: {}, finish_reason: out.finish }]));
   if (req.includeUsage) res.write(chunk([], { usage: out.usage }));
   res.end("data: [DONE]\n\n");
@@ -178,11 +195,13 @@ const server = http.createServer(async (req, res) => {
     if (req.method === "GET" && req.url === "/v1/models")
       return send(res, 200, { object: "list", data: [{ id: alias, object: "model", created: 0, owned_by: "inferq" }] });
     if (req.method === "POST" && req.url === "/v1/chat/completions") {
-      let raw = "";
-      for await (const part of req) raw += part;
+      // Bytes first, decoded once: a character split across two chunks
+      // would not survive decoding each chunk on its own.
+      const parts = [];
+      for await (const part of req) parts.push(part);
       let body;
       try {
-        body = JSON.parse(raw);
+        body = JSON.parse(Buffer.concat(parts).toString("utf8"));
       } catch (e) {
         return error(res, 400, `the body is not JSON: ${e.message}`);
       }

@@ -4,9 +4,12 @@
 //! Two loops fetch: each waits for room, pops up to `claim_batch` ids (as
 //! many as there is room for) across the served queues, claims them in one
 //! UPDATE and spawns one task per claimed row. A slot (one of
-//! `concurrency`) is a backend call; while attempts are short, up to
-//! `prefetch` more tasks are claimed ahead and wait for a slot, so a
-//! fetch's round trips overlap the running tasks. A heartbeat loop renews
+//! `concurrency`) is a backend call; while attempts are short, as many
+//! more tasks as the slots run in 50 ms (at most `prefetch`) are claimed
+//! ahead and wait for a slot, so a fetch's round trips overlap the running
+//! tasks; an ended attempt waits for room among the outcomes being written
+//! before it frees its slot, so claims stop while writes fall behind. A
+//! heartbeat loop renews
 //! the leases of everything in flight in one statement, and stops any
 //! attempt that no longer holds its task.
 
@@ -105,8 +108,10 @@ struct Inner {
 /// long for its slot.
 const PREFETCH_BELOW: Duration = Duration::from_millis(50);
 
-/// Attempts whose outcomes are being written at once: two completer
-/// batches, one being written and the next gathering.
+/// Ended attempts whose outcomes are being written at once (batched
+/// successes and retries, and the rare failures and releases written
+/// alone): two completer batches, one being written and the next
+/// gathering.
 const RECORDING: usize = 2 * crate::completer::MAX_BATCH;
 
 /// What a claimed task holds: room in the worker, and, once it may call
@@ -409,8 +414,10 @@ impl Inner {
     }
 
     /// Brings the room to `concurrency` plus [`Inner::ahead_allowed`].
-    /// Growing adds permits at once; shrinking forgets free ones now and
-    /// the rest at later calls, as tasks end (each fetch calls this).
+    /// Growing adds permits at once; shrinking forgets the free ones, and
+    /// later calls (each fetch makes one) forget more as they come free,
+    /// unless a fetch waiting for room takes them first: the room shrinks
+    /// over a few fetches, not at once.
     fn resize_room(&self) {
         let want = self.config.concurrency.max(1) + self.ahead_allowed();
         let mut size = self.room_size.lock().expect("lock");
@@ -847,8 +854,9 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, held: Held) {
         // slot and room are given back only once it has a place among the
         // outcomes being written, so a worker whose writes fall behind
         // stops claiming (without that bound, tasks of a backlog ran
-        // faster than the completer wrote them and piled up in memory: 41
-        // to 73 MiB peak in W1's drain, against 23).
+        // faster than the completer wrote them and piled up in memory:
+        // worker peak RSS 73 MiB in `inferq bench`'s W1 drain, 23 before
+        // claims grew; 38 with the bound).
         let recording = inner
             .recording
             .clone()
