@@ -9,9 +9,8 @@
 //! ahead and wait for a slot, so a fetch's round trips overlap the running
 //! tasks; an ended attempt waits for room among the outcomes being written
 //! before it frees its slot, so claims stop while writes fall behind. A
-//! heartbeat loop renews
-//! the leases of everything in flight in one statement, and stops any
-//! attempt that no longer holds its task.
+//! heartbeat loop renews the leases of everything in flight in one
+//! statement, and stops any attempt that no longer holds its task.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
