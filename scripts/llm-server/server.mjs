@@ -11,16 +11,19 @@
 // turn (vLLM would batch them; a 2-core CPU gains nothing from that).
 import http from "node:http";
 import { randomUUID } from "node:crypto";
+import { parseArgs } from "node:util";
 import { getLlama, LlamaChatSession } from "node-llama-cpp";
 
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((pairs, a, i, all) => {
-    if (a.startsWith("--")) pairs.push([a.slice(2), all[i + 1]]);
-    return pairs;
-  }, []),
-);
-const alias = args.alias ?? "smollm2";
-const port = Number(args.port ?? 8089);
+const { values: args } = parseArgs({
+  options: {
+    model: { type: "string" },
+    port: { type: "string", default: "8089" },
+    alias: { type: "string", default: "smollm2" },
+    threads: { type: "string", default: "2" },
+  },
+});
+const alias = args.alias;
+const port = Number(args.port);
 
 // build: "never" keeps it on the prebuilt binaries: a missing one is an
 // error here, not a 15-minute compile.
@@ -28,14 +31,14 @@ const llama = await getLlama({ gpu: false, build: "never" });
 const model = await llama.loadModel({ modelPath: args.model });
 const context = await model.createContext({
   contextSize: 2048,
-  threads: Number(args.threads ?? 2),
+  threads: Number(args.threads),
 });
 const sequence = context.getSequence();
 
 class BadRequest extends Error {
-  constructor(param, message) {
+  constructor(param, message, { status = 400, code = null } = {}) {
     super(message);
-    this.param = param;
+    Object.assign(this, { param, status, code });
   }
 }
 
@@ -55,7 +58,7 @@ function parse(body) {
   if (typeof body !== "object" || body === null || Array.isArray(body))
     throw new BadRequest(null, "the body must be a JSON object");
   if (body.model !== alias)
-    throw Object.assign(new BadRequest("model", `The model '${body.model}' does not exist`), {
+    throw new BadRequest("model", `The model '${body.model}' does not exist`, {
       status: 404,
       code: "model_not_found",
     });
@@ -79,9 +82,11 @@ function parse(body) {
   const last = messages[messages.length - 1];
   if (last?.role !== "user")
     throw new BadRequest(`messages[${messages.length - 1}].role`, "the last message must be the user's");
-  const maxTokens = body.max_completion_tokens ?? body.max_tokens;
+  // OpenAI now prefers max_completion_tokens; self-hosted servers take max_tokens.
+  const maxField = body.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens";
+  const maxTokens = body[maxField] ?? undefined;
   if (maxTokens !== undefined && !(Number.isInteger(maxTokens) && maxTokens > 0))
-    throw new BadRequest("max_tokens", "max_tokens must be a positive integer");
+    throw new BadRequest(maxField, `${maxField} must be a positive integer`);
   const stop = body.stop === undefined || body.stop === null ? [] : [body.stop].flat();
   return {
     history,
@@ -128,7 +133,7 @@ async function generate(req, onText, signal) {
     const used = sequence.tokenMeter.diff(before);
     // Every token evaluated is the prompt's or a sampled one fed back, and
     // the last sampled is never fed back: sampled = evaluated - prompt + 1
-    // (an end-of-turn token included, as llama.cpp's server counts it).
+    // (an end-of-turn token included).
     const completionTokens = used.usedInputTokens + used.usedOutputTokens - promptTokens + 1;
     return {
       text: out.responseText,
@@ -210,7 +215,7 @@ const server = http.createServer(async (req, res) => {
     error(res, 404, `no route ${req.method} ${req.url}`);
   } catch (e) {
     if (res.headersSent) return res.destroy(e);
-    if (e instanceof BadRequest) return error(res, e.status ?? 400, e.message, e.param, e.code ?? null);
+    if (e instanceof BadRequest) return error(res, e.status, e.message, e.param, e.code);
     send(res, 500, { error: { message: String(e?.message ?? e), type: "server_error", param: null, code: null } });
   }
 });

@@ -198,7 +198,6 @@ impl Worker {
             inner.wake.clone(),
             inner.config.queue_list(),
         ));
-        let room = inner.room.clone();
         tracing::info!(
             concurrency = inner.config.concurrency,
             prefetch = inner.config.prefetch,
@@ -220,7 +219,6 @@ impl Worker {
             .map(|_| {
                 tokio::spawn(fetch_loop(
                     self.inner.clone(),
-                    room.clone(),
                     tracker.clone(),
                     ahead.clone(),
                     shutdown.clone(),
@@ -274,7 +272,6 @@ const FETCH_LOOPS: usize = 2;
 /// tasks, and sleeps when there is nothing to do, until `shutdown`.
 async fn fetch_loop(
     inner: Arc<Inner>,
-    room: Arc<Semaphore>,
     tracker: TaskTracker,
     ahead: Ahead,
     shutdown: CancellationToken,
@@ -290,13 +287,13 @@ async fn fetch_loop(
         let claim_ahead = inner.claims_ahead();
         inner.resize_room();
         let first = tokio::select! {
-            held = take_room(&inner, &room, claim_ahead) => held,
+            held = take_room(&inner, claim_ahead) => held,
             () = shutdown.cancelled() => break,
         };
         let mut held = vec![first];
         let gather = |held: &mut Vec<Held>| {
             while held.len() < target {
-                let Ok(r) = room.clone().try_acquire_owned() else {
+                let Ok(r) = inner.room.clone().try_acquire_owned() else {
                     break;
                 };
                 let slot = if claim_ahead {
@@ -372,8 +369,13 @@ async fn hand_out_slots(
 /// Room for one more task; for long attempts also a slot (taken after the
 /// room: a task claimed ahead holds room while it waits for a slot, so the
 /// other order could wait on each other).
-async fn take_room(inner: &Inner, room: &Arc<Semaphore>, ahead: bool) -> Held {
-    let r = room.clone().acquire_owned().await.expect("never closed");
+async fn take_room(inner: &Inner, ahead: bool) -> Held {
+    let r = inner
+        .room
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("never closed");
     let slot = if ahead {
         None
     } else {
