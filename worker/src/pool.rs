@@ -309,19 +309,25 @@ async fn fetch_loop(
             }
         };
         gather(&mut held);
-        // Under load room frees one task at a time; a millisecond lets a
-        // few gather, so one pop and one claim serve several tasks.
-        if held.len() < target / 4 && !tracker.is_empty() {
+        // Under load room frees one task at a time; while a backlog lasts a
+        // millisecond lets a few gather, so one pop and one claim serve
+        // several tasks. Without one it would only delay the new task.
+        if held.len() < target / 4 && fetcher.more && !tracker.is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
             gather(&mut held);
         }
         // Announcements before this fetch are covered by it.
         woken.borrow_and_update();
         let wait = match fetcher.fetch(&inner, held, &tracker, &ahead).await {
-            Ok(0) => fetcher.idle_wait(&inner).await,
-            Ok(_) => {
+            Ok(_) if fetcher.more => {
                 fetcher.errors = 0;
                 continue;
+            }
+            // Every queue came back short: the next task comes with an
+            // announcement (or is a retry falling due).
+            Ok(_) => {
+                fetcher.errors = 0;
+                fetcher.idle_wait(&inner).await
             }
             Err(e) => {
                 fetcher.errors += 1;
@@ -498,10 +504,11 @@ struct Fetcher {
     errors: u32,
     /// The last fetch skipped a queue because its breaker was open.
     held_back: bool,
-    /// The last fetch popped ids (set before knowing whether any could be
-    /// claimed): stale ids (finished, cancelled, duplicates) may sit in
-    /// front of live ones, so the queue is not known to be empty.
-    popped_stale: bool,
+    /// The last fetch may have left ready ids behind: a pop came back with
+    /// all it asked for. A pop that came back short took everything there
+    /// was (stale ids included), so new work can only come with an
+    /// announcement, and the loop waits for one instead of popping again.
+    more: bool,
 }
 
 impl Fetcher {
@@ -515,7 +522,7 @@ impl Fetcher {
             next: 0,
             errors: 0,
             held_back: false,
-            popped_stale: false,
+            more: false,
         }
     }
 
@@ -524,9 +531,6 @@ impl Fetcher {
     /// `idle_ms`; briefly while a breaker holds queues back.
     async fn idle_wait(&mut self, inner: &Inner) -> Duration {
         let longest = Duration::from_millis(inner.config.idle_ms.max(1));
-        if self.popped_stale {
-            return Duration::ZERO;
-        }
         if self.held_back {
             return BREAKER_RECHECK.min(longest);
         }
@@ -579,7 +583,7 @@ impl Fetcher {
         ahead: &Ahead,
     ) -> queue_core::Result<usize> {
         self.held_back = false;
-        self.popped_stale = false;
+        self.more = false;
         let queues = self.queues(&inner.queue).await?;
         if queues.is_empty() {
             return Ok(0);
@@ -623,6 +627,7 @@ impl Fetcher {
                     return Err(e);
                 }
             };
+            self.more |= claimed.popped >= want;
             if claimed.popped == 0 {
                 inner.end_turn(ticket);
                 if want == 1 {
@@ -630,7 +635,6 @@ impl Fetcher {
                 }
                 continue;
             }
-            self.popped_stale = true;
             for task in claimed.tasks {
                 let mut permit = permits
                     .pop()
