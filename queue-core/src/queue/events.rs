@@ -91,8 +91,8 @@ impl Queue {
             }
             pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
         }
-        let mut conn = self.pool.get().await?;
-        let () = pipe.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 

@@ -110,13 +110,13 @@ impl Queue {
     ) -> Result<Option<Duration>> {
         let interval = rate.interval_us();
         let tolerance = interval * rate.burst as f64;
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let wait_us: i64 = TAKE
             .key(self.limit_key(kind, name))
             .arg(interval)
             .arg(tolerance)
             .arg(cost)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok((wait_us > 0).then(|| Duration::from_micros(wait_us as u64)))
     }
@@ -129,12 +129,12 @@ impl Queue {
         if deltas.is_empty() {
             return Ok(());
         }
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         for (name, delta) in deltas {
             let () = ADJUST
                 .key(self.limit_key(kind, name))
                 .arg(*delta)
-                .invoke_async(&mut *conn)
+                .invoke_async(&mut conn)
                 .await?;
         }
         Ok(())

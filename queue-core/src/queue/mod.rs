@@ -15,6 +15,7 @@
 //! `<prefix>:queues` is the set of queue names a worker serving "every
 //! queue" walks.
 
+mod conn;
 pub mod events;
 pub mod limits;
 pub mod stats;
@@ -22,13 +23,13 @@ pub mod stats;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::Script;
 use uuid::Uuid;
 
 use crate::config::StoreConfig;
 use crate::error::Result;
 use crate::task::Priority;
+use conn::{Conn, Manager, Pool};
 
 /// Band width of a ready score: larger than any ms timestamp until the
 /// year 2286, and band × 10^13 + ms stays exact in an f64.
@@ -125,24 +126,30 @@ pub struct ScheduledEntry<'a> {
 
 impl Queue {
     pub fn connect(config: &StoreConfig) -> Result<Queue> {
-        let mut cfg = deadpool_redis::Config::from_url(config.redis_url.clone());
-        let mut pool_cfg = PoolConfig::new(config.redis_pool);
+        let manager = deadpool_redis::Manager::new(config.redis_url.as_str())?;
         // Bounded waits, so an outage turns into an error (503, backoff)
         // rather than a request that hangs.
-        pool_cfg.timeouts = Timeouts {
-            wait: Some(Duration::from_secs(1)),
-            create: Some(Duration::from_secs(1)),
-            recycle: Some(Duration::from_secs(1)),
-        };
-        cfg.pool = Some(pool_cfg);
-        let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
-            redis::RedisError::from((redis::ErrorKind::Client, "pool", e.to_string()))
-        })?;
+        let wait = Some(Duration::from_secs(1));
+        let pool = Pool::builder(Manager(manager))
+            .max_size(config.redis_pool)
+            .wait_timeout(wait)
+            .create_timeout(wait)
+            .recycle_timeout(wait)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::Client, "pool", e.to_string()))
+            })?;
         Ok(Queue {
             pool,
             prefix: config.key_prefix.as_str().into(),
             url: config.redis_url.as_str().into(),
         })
+    }
+
+    /// A connection from the pool (see [`conn`]).
+    async fn conn(&self) -> Result<Conn> {
+        Ok(Conn::new(self.pool.get().await?))
     }
 
     pub fn prefix(&self) -> &str {
@@ -163,8 +170,8 @@ impl Queue {
 
     /// Readiness: Redis answers.
     pub async fn ping(&self) -> Result<()> {
-        let mut conn = self.pool.get().await?;
-        let _: String = redis::cmd("PING").query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
     }
 
@@ -197,8 +204,8 @@ impl Queue {
             .arg(&queues)
             .ignore();
         self.announce(&mut pipe, &queues);
-        let mut conn = self.pool.get().await?;
-        let () = pipe.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 
@@ -224,8 +231,8 @@ impl Queue {
                 .arg(0)
                 .arg("WITHSCORES");
         }
-        let mut conn = self.pool.get().await?;
-        let firsts: Vec<Vec<(String, f64)>> = pipe.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let firsts: Vec<Vec<(String, f64)>> = pipe.query_async(&mut conn).await?;
         Ok(firsts
             .iter()
             .filter_map(|f| f.first().map(|(_, due)| *due as i64))
@@ -269,15 +276,15 @@ impl Queue {
             .arg(self.queues_key())
             .arg(&queues)
             .ignore();
-        let mut conn = self.pool.get().await?;
-        let added: Vec<u64> = pipe.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let added: Vec<u64> = pipe.query_async(&mut conn).await?;
         let added = added.iter().sum();
         // Only restored ids are new work: a sweep that found everything in
         // place wakes nobody.
         if added > 0 {
             let mut pipe = redis::pipe();
             self.announce(&mut pipe, &queues);
-            let () = pipe.query_async(&mut *conn).await?;
+            let () = pipe.query_async(&mut conn).await?;
         }
         Ok(added)
     }
@@ -324,22 +331,22 @@ impl Queue {
             .arg(&queues)
             .ignore();
         self.announce(&mut pipe, &queues);
-        let mut conn = self.pool.get().await?;
-        let () = pipe.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 
     /// Takes up to `count` ready ids of `queue`, highest priority first,
     /// after moving due scheduled tasks to ready.
     pub async fn pop(&self, queue: &str, count: usize, now_ms: i64) -> Result<Vec<Popped>> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let popped: Vec<(String, f64)> = POP
             .key(self.ready_key(queue))
             .key(self.scheduled_key(queue))
             .arg(now_ms)
             .arg(count)
             .arg(PROMOTE_LIMIT)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         // A member that is not a UUID was not written by us; skip it.
         Ok(popped
@@ -363,19 +370,19 @@ impl Queue {
         for p in popped {
             cmd.arg(p.score).arg(p.id.to_string());
         }
-        let mut conn = self.pool.get().await?;
-        let _: i64 = cmd.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let _: i64 = cmd.query_async(&mut conn).await?;
         Ok(())
     }
 
     /// Drops a ready id (a cancelled task). Best effort: the claim skips
     /// cancelled tasks anyway, this only keeps the ready set honest.
     pub async fn remove_ready(&self, queue: &str, id: Uuid) -> Result<()> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let _: i64 = redis::cmd("ZREM")
             .arg(self.ready_key(queue))
             .arg(id.to_string())
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         Ok(())
     }
@@ -386,11 +393,11 @@ impl Queue {
 
     /// Stops workers taking tasks of `queue` (submissions still land).
     pub async fn pause(&self, queue: &str) -> Result<()> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let _: i64 = redis::cmd("SADD")
             .arg(self.paused_key())
             .arg(queue)
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         Ok(())
     }
@@ -399,26 +406,26 @@ impl Queue {
         let mut pipe = redis::pipe();
         pipe.cmd("SREM").arg(self.paused_key()).arg(queue).ignore();
         self.announce(&mut pipe, &[queue]);
-        let mut conn = self.pool.get().await?;
-        let () = pipe.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 
     /// The paused queues.
     pub async fn paused(&self) -> Result<Vec<String>> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         Ok(redis::cmd("SMEMBERS")
             .arg(self.paused_key())
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?)
     }
 
     /// Every queue that has received a task.
     pub async fn queues(&self) -> Result<Vec<String>> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let mut names: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.queues_key())
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         names.sort();
         Ok(names)
@@ -426,13 +433,13 @@ impl Queue {
 
     /// Ids ready and scheduled in a queue.
     pub async fn depth(&self, queue: &str) -> Result<(u64, u64)> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let (ready, scheduled): (u64, u64) = redis::pipe()
             .cmd("ZCARD")
             .arg(self.ready_key(queue))
             .cmd("ZCARD")
             .arg(self.scheduled_key(queue))
-            .query_async(&mut *conn)
+            .query_async(&mut conn)
             .await?;
         Ok((ready, scheduled))
     }
@@ -456,9 +463,9 @@ impl Queue {
                 .arg(1);
         }
         pipe.cmd("ZCARD").arg(self.scheduled_key(queue));
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let (c0, o0, c1, o1, c2, o2, scheduled): (u64, Oldest, u64, Oldest, u64, Oldest, u64) =
-            pipe.query_async(&mut *conn).await?;
+            pipe.query_async(&mut conn).await?;
         let oldest =
             |v: Vec<(String, f64)>, band: f64| v.first().map(|(_, s)| (s - band * BAND) as i64);
         Ok(QueueDepth {
@@ -471,7 +478,7 @@ impl Queue {
     /// Every key under this prefix (tests check that a refused request left
     /// nothing behind). Uses SCAN, never KEYS.
     pub async fn keys(&self) -> Result<Vec<String>> {
-        let mut conn = self.pool.get().await?;
+        let mut conn = self.conn().await?;
         let mut cursor: u64 = 0;
         let mut out = Vec::new();
         loop {
@@ -481,7 +488,7 @@ impl Queue {
                 .arg(format!("{}:*", self.prefix))
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?;
             out.extend(batch);
             if next == 0 {
@@ -497,8 +504,8 @@ impl Queue {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut conn = self.pool.get().await?;
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
         Ok(())
     }
 }

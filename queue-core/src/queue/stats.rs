@@ -60,8 +60,8 @@ impl Queue {
                 .arg((WINDOW_BUCKETS + 2) * BUCKET_SECS)
                 .ignore();
         }
-        let mut conn = self.pool.get().await?;
-        let () = pipe.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 
@@ -73,8 +73,8 @@ impl Queue {
                 cmd.arg(self.finished_key(queue, outcome, bucket));
             }
         }
-        let mut conn = self.pool.get().await?;
-        let values: Vec<Option<u64>> = cmd.query_async(&mut *conn).await?;
+        let mut conn = self.conn().await?;
+        let values: Vec<Option<u64>> = cmd.query_async(&mut conn).await?;
         let (succeeded, failed) = values.split_at(WINDOW_BUCKETS as usize);
         let sum = |v: &[Option<u64>]| v.iter().flatten().sum();
         Ok(LastMinute {

@@ -46,6 +46,30 @@ pub struct Store {
 /// during an outage gets 503 quickly instead of hanging on the pool.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A pooled connection handed out again within this long of its last use
+/// is not pinged first.
+const CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// sqlx pings every connection it hands out by default: a round trip
+/// before every statement, on the path of every request. A connection is
+/// pinged here only after it idled (PostgreSQL may have restarted
+/// meanwhile); one that broke in use is caught by the ping sqlx makes
+/// when it comes back to the pool.
+fn pool_options(max: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= CHECK_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// Connections of [`Store::reads`]: the shared reader has at most this many
 /// queries in flight.
 pub const READ_CONNECTIONS: u32 = 4;
@@ -72,10 +96,7 @@ impl Store {
             ("enable_seqscan", "off"),
             ("plan_cache_mode", "force_generic_plan"),
         ]);
-        let reads = PgPoolOptions::new()
-            .max_connections(READ_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
+        let reads = pool_options(READ_CONNECTIONS).connect_lazy_with(options);
         // The writes by id join their ids to `tasks`, and a plan made once
         // while the table was small (or analyzed small) stays a scan of a
         // whole index joined to the ids, each run costing more as the table
@@ -88,10 +109,7 @@ impl Store {
         let options = (*pool.connect_options())
             .clone()
             .options([("plan_cache_mode", "force_custom_plan")]);
-        let by_id = PgPoolOptions::new()
-            .max_connections(BY_ID_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
+        let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options);
         Store { pool, reads, by_id }
     }
 
@@ -103,9 +121,7 @@ impl Store {
                 tracing::debug!(error = %e, "create database raced");
             }
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(config.db_pool)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+        let pool = pool_options(config.db_pool)
             .connect(&config.database_url)
             .await?;
         Ok(Store::new(pool))
@@ -161,5 +177,33 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PostgreSQL restarted (here: the backend terminated) while the
+    /// connection idled: the next statement still works, on a new one.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_connection_that_broke_while_idle_is_replaced_before_use(other: PgPool) {
+        let pool = pool_options(1)
+            .connect_with((*other.connect_options()).clone())
+            .await
+            .unwrap();
+        let pid = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool);
+        let first = pid().await.unwrap();
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(first)
+            .fetch_one(&other)
+            .await
+            .unwrap();
+        assert!(killed);
+        tokio::time::sleep(CHECK_AFTER + Duration::from_millis(100)).await;
+        let next = pid()
+            .await
+            .expect("the idle connection was pinged and replaced");
+        assert_ne!(next, first);
     }
 }
