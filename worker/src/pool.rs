@@ -323,8 +323,9 @@ async fn fetch_loop(
                 fetcher.errors = 0;
                 continue;
             }
-            // Every queue came back short: the next task comes with an
-            // announcement (or is a retry falling due).
+            // Every queue came back short (or was held back by its
+            // breaker): the next task comes with an announcement (or is a
+            // retry falling due).
             Ok(_) => {
                 fetcher.errors = 0;
                 fetcher.idle_wait(&inner).await
@@ -602,7 +603,8 @@ impl Fetcher {
             let Some((route, _)) = inner.router.resolve(name) else {
                 continue;
             };
-            let want = match route.breaker.pull() {
+            let pull = route.breaker.pull();
+            let want = match pull {
                 Pull::Any => permits.len(),
                 Pull::Probe => 1,
                 Pull::None => {
@@ -610,6 +612,10 @@ impl Fetcher {
                     continue;
                 }
             };
+            // A probe that sends nothing (no task, or only stale ids, or a
+            // failed claim) gives its turn back, or the breaker would stay
+            // half-open and the queue would never be fetched again.
+            let probing = matches!(pull, Pull::Probe);
             // Pops are taken in turn; the claims of two fetchers overlap,
             // and their tasks are handed on in the order popped.
             let (ticket, popped) = {
@@ -624,15 +630,18 @@ impl Fetcher {
                 Ok(c) => c,
                 Err(e) => {
                     inner.end_turn(ticket);
+                    if probing {
+                        route.breaker.probe_unused();
+                    }
                     return Err(e);
                 }
             };
             self.more |= claimed.popped >= want;
+            if probing && claimed.tasks.is_empty() {
+                route.breaker.probe_unused();
+            }
             if claimed.popped == 0 {
                 inner.end_turn(ticket);
-                if want == 1 {
-                    route.breaker.probe_unused();
-                }
                 continue;
             }
             for task in claimed.tasks {

@@ -13,7 +13,8 @@ use inferq_worker::Worker;
 use inferq_worker::backend::route::{BackendsConfig, Router};
 use queue_core::Service;
 use queue_core::config::WorkerConfig;
-use queue_core::task::{AttemptRecord, NewTask, TaskRecord, TaskStatus};
+use queue_core::queue::ReadyEntry;
+use queue_core::task::{AttemptRecord, NewTask, Priority, TaskRecord, TaskStatus};
 use queue_core::testkit::{self, wait_for};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -364,6 +365,45 @@ async fn an_outage_fails_no_task_and_the_queue_drains_after(pool: PgPool) {
             assert!(a.error.as_deref().unwrap().contains("not charged"));
         }
     }
+    worker.stop.cancel();
+    worker.handle.await.unwrap();
+    svc.queue.purge().await.unwrap();
+}
+
+/// The half-open breaker's probe pops a stale id (a task no longer in
+/// PostgreSQL): nothing is sent, and the probe's turn must come back, or
+/// the breaker stays half-open and the queue is never fetched again.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_probe_that_pops_a_stale_id_does_not_stall_the_queue(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let fake = FakeLlm::start().await;
+    fake.down.store(true, Ordering::SeqCst);
+    let config: BackendsConfig = serde_json::from_value(json!({"backends": [{
+        "name": "fake-openai", "kind": "openai", "base_url": fake.base_url,
+        "models": {"fake": "fake-upstream"},
+        "breaker": {"failures": 1, "cooldown_ms": 1000}
+    }]}))
+    .unwrap();
+    let worker = start(&svc, Router::build(&config).unwrap());
+    let id = submit(&svc, json!({"model": "fake", "prompt": "normal probe"})).await;
+    // The first call fails and opens the breaker for a second.
+    wait_for("the first call", Duration::from_secs(10), || async {
+        (!fake.requests.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    // Ahead of the task when the cool-down ends: the probe takes it.
+    svc.queue
+        .push_ready(&[ReadyEntry {
+            queue: "fake",
+            id: Uuid::now_v7(),
+            priority: Priority::High,
+            order_ms: 0,
+        }])
+        .await
+        .unwrap();
+    fake.down.store(false, Ordering::SeqCst);
+    let (t, _) = finished(&svc, id).await;
+    assert_eq!(t.status, TaskStatus::Succeeded);
     worker.stop.cancel();
     worker.handle.await.unwrap();
     svc.queue.purge().await.unwrap();
