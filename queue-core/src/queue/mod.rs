@@ -130,16 +130,17 @@ impl Queue {
         // Bounded waits, so an outage turns into an error (503, backoff)
         // rather than a request that hangs.
         let wait = Some(Duration::from_secs(1));
-        let pool = Pool::builder(Manager(manager))
-            .max_size(config.redis_pool)
-            .wait_timeout(wait)
-            .create_timeout(wait)
-            .recycle_timeout(wait)
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .map_err(|e| {
-                redis::RedisError::from((redis::ErrorKind::Client, "pool", e.to_string()))
-            })?;
+        let pool = Pool::builder(Manager {
+            inner: manager,
+            check_after: conn::CHECK_AFTER,
+        })
+        .max_size(config.redis_pool)
+        .wait_timeout(wait)
+        .create_timeout(wait)
+        .recycle_timeout(wait)
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| redis::RedisError::from((redis::ErrorKind::Client, "pool", e.to_string())))?;
         Ok(Queue {
             pool,
             prefix: config.key_prefix.as_str().into(),

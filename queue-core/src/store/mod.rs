@@ -183,6 +183,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::wait_for;
 
     /// PostgreSQL restarted (here: the backend terminated) while the
     /// connection idled: the next statement still works, on a new one.
@@ -194,6 +195,14 @@ mod tests {
             .unwrap();
         let pid = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool);
         let first = pid().await.unwrap();
+        // Back in the pool first (after sqlx's ping on its return), so
+        // nothing but the check before use can notice the break.
+        wait_for(
+            "the connection back in the pool",
+            Duration::from_secs(5),
+            || async { (pool.num_idle() == 1).then_some(()) },
+        )
+        .await;
         let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
             .bind(first)
             .fetch_one(&other)
