@@ -70,6 +70,10 @@ struct Inner {
     hard_stop: CancellationToken,
     /// Bumped when new work is announced (see `listen_for_work`).
     wake: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Bumped when work is announced for a queue not announced before, so
+    /// a worker serving every queue looks its list up again at once
+    /// instead of when the list's TTL runs out.
+    new_queues: Arc<AtomicU64>,
     /// Successful attempts go to the completer, which writes them in
     /// batches; taken (once) by `run`.
     completions: crate::completer::Sender,
@@ -152,6 +156,7 @@ impl Worker {
                 in_flight: Mutex::new(HashMap::new()),
                 hard_stop: CancellationToken::new(),
                 wake: Arc::new(tokio::sync::watch::Sender::new(0)),
+                new_queues: Arc::default(),
                 usage: Mutex::new(HashMap::new()),
                 slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
                 room: Arc::new(Semaphore::new(config.concurrency.max(1))),
@@ -196,6 +201,7 @@ impl Worker {
         let wake_listener = tokio::spawn(listen_for_work(
             inner.queue.clone(),
             inner.wake.clone(),
+            inner.new_queues.clone(),
             inner.config.queue_list(),
         ));
         tracing::info!(
@@ -475,12 +481,21 @@ impl Inner {
 async fn listen_for_work(
     queue: Queue,
     wake: Arc<tokio::sync::watch::Sender<u64>>,
+    new_queues: Arc<AtomicU64>,
     served: Vec<String>,
 ) {
+    let mut seen = std::collections::HashSet::new();
     loop {
         // Work for a queue this worker does not serve wakes nobody.
         let mut on_work = |q: Option<&str>| {
             if q.is_none_or(|q| served.is_empty() || served.iter().any(|s| s == q)) {
+                if let Some(q) = q
+                    && served.is_empty()
+                    && !seen.contains(q)
+                {
+                    seen.insert(q.to_owned());
+                    new_queues.fetch_add(1, Ordering::SeqCst);
+                }
                 wake.send_modify(|n| *n = n.wrapping_add(1));
             }
         };
@@ -499,6 +514,8 @@ struct Fetcher {
     configured: Vec<String>,
     known: Vec<String>,
     known_at: Option<Instant>,
+    /// `Inner::new_queues` when `known` was read.
+    known_new: u64,
     paused: Vec<String>,
     paused_at: Option<Instant>,
     next: usize,
@@ -518,6 +535,7 @@ impl Fetcher {
             configured,
             known: Vec::new(),
             known_at: None,
+            known_new: 0,
             paused: Vec::new(),
             paused_at: None,
             next: 0,
@@ -535,7 +553,7 @@ impl Fetcher {
         if self.held_back {
             return BREAKER_RECHECK.min(longest);
         }
-        let Ok(mut queues) = self.queues(&inner.queue).await else {
+        let Ok(mut queues) = self.queues(inner).await else {
             return longest;
         };
         // Only queues this worker can run: another model's overdue retry
@@ -551,25 +569,31 @@ impl Fetcher {
     }
 
     /// The queues to look at now: served, and not paused.
-    async fn queues(&mut self, queue: &Queue) -> queue_core::Result<Vec<String>> {
+    async fn queues(&mut self, inner: &Inner) -> queue_core::Result<Vec<String>> {
         if self.paused_at.is_none_or(|t| t.elapsed() > PAUSED_TTL) {
-            self.paused = queue.paused().await?;
+            self.paused = inner.queue.paused().await?;
             self.paused_at = Some(Instant::now());
         }
-        let mut names = self.served(queue).await?;
+        let mut names = self.served(inner).await?;
         names.retain(|q| !self.paused.contains(q));
         Ok(names)
     }
 
-    async fn served(&mut self, queue: &Queue) -> queue_core::Result<Vec<String>> {
+    async fn served(&mut self, inner: &Inner) -> queue_core::Result<Vec<String>> {
         if !self.configured.is_empty() {
             return Ok(self.configured.clone());
         }
-        // An empty list is asked for again at once: the first task of a new
-        // model should not wait out the TTL.
-        if self.known.is_empty() || self.known_at.is_none_or(|t| t.elapsed() > QUEUE_LIST_TTL) {
-            self.known = queue.queues().await?;
+        // An empty list, or work announced for a queue not seen before, is
+        // looked up again at once: the first task of a new model should not
+        // wait out the TTL.
+        let new = inner.new_queues.load(Ordering::SeqCst);
+        if self.known.is_empty()
+            || new != self.known_new
+            || self.known_at.is_none_or(|t| t.elapsed() > QUEUE_LIST_TTL)
+        {
+            self.known = inner.queue.queues().await?;
             self.known_at = Some(Instant::now());
+            self.known_new = new;
         }
         Ok(self.known.clone())
     }
@@ -585,7 +609,7 @@ impl Fetcher {
     ) -> queue_core::Result<usize> {
         self.held_back = false;
         self.more = false;
-        let queues = self.queues(&inner.queue).await?;
+        let queues = self.queues(inner).await?;
         if queues.is_empty() {
             return Ok(0);
         }

@@ -940,8 +940,9 @@ async fn leases_stay_renewed_while_a_shutdown_drains(pool: PgPool) {
 }
 
 /// An idle worker sleeps on an announcement, not a timer: with the
-/// longest idle sleep set to ten minutes, new work still runs at once, a
-/// retry still runs when it comes due, and a resumed queue is taken again.
+/// longest idle sleep set to ten minutes, new work still runs at once (a
+/// new model's too), a retry still runs when it comes due, and a resumed
+/// queue is taken again.
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn an_idle_worker_wakes_on_new_work_and_on_due_retries_not_a_timer(pool: PgPool) {
     let svc = testkit::service(pool);
@@ -958,6 +959,12 @@ async fn an_idle_worker_wakes_on_new_work_and_on_due_retries_not_a_timer(pool: P
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fresh = submit(&svc, json!({"model": "sim", "prompt": "wake up"})).await;
     let (t, _) = wait_terminal(&svc, fresh).await;
+    assert_eq!(t.status, TaskStatus::Succeeded);
+    // A model no task used before, while the worker's list of queues
+    // (which now holds `sim`) is fresh: the announcement alone must bring
+    // the new queue in.
+    let other = submit(&svc, json!({"model": "sim-new", "prompt": "new queue"})).await;
+    let (t, _) = wait_terminal(&svc, other).await;
     assert_eq!(t.status, TaskStatus::Succeeded);
 
     tokio::time::sleep(Duration::from_millis(300)).await;
