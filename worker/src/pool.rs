@@ -489,11 +489,12 @@ async fn listen_for_work(
         // Work for a queue this worker does not serve wakes nobody.
         let mut on_work = |q: Option<&str>| {
             if q.is_none_or(|q| served.is_empty() || served.iter().any(|s| s == q)) {
-                if let Some(q) = q
-                    && served.is_empty()
-                    && !seen.contains(q)
-                {
-                    seen.insert(q.to_owned());
+                // A (re)subscription (`None`) may have missed announcements
+                // of new queues.
+                if served.is_empty() && q.is_none_or(|q| !seen.contains(q)) {
+                    if let Some(q) = q {
+                        seen.insert(q.to_owned());
+                    }
                     new_queues.fetch_add(1, Ordering::SeqCst);
                 }
                 wake.send_modify(|n| *n = n.wrapping_add(1));

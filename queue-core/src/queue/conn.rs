@@ -6,11 +6,14 @@
 //! of the worker's writes to Redis). Here a connection is pinged only when
 //! it has not been handed out for [`CHECK_AFTER`] (Redis may have
 //! restarted while it idled). One whose command failed because the
-//! connection did (I/O, closed by the server) leaves the pool when it is
-//! dropped, so after a restart each connection in use fails one command
-//! and is replaced (at most the pool's size of them fail, where the PING
-//! hid it before). A timeout does not count: a multiplexed connection
-//! stays in step after one (the late answer is discarded).
+//! connection did (I/O, closed by the server, or no answer in time) leaves
+//! the pool when it is dropped, so after a restart each connection in use
+//! fails one command and is replaced (at most the pool's size of them
+//! fail, where the PING hid it before). A timeout counts too: a
+//! connection whose peer vanished without closing it only ever times out,
+//! and one in steady use is never idle long enough to be pinged, so
+//! keeping it would fail every command on it; after a mere slow answer
+//! the cost is one reconnect.
 
 use std::time::Duration;
 

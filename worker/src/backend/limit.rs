@@ -121,9 +121,18 @@ enum State {
     Open {
         until: Instant,
     },
-    /// A probe has been let through and not yet answered.
-    HalfOpen,
+    /// A probe has been let through and not yet answered. If none has
+    /// answered by `reprobe` (a probe can end without a call: a cached
+    /// result, a cancel, a panic), another is let through, so the
+    /// breaker never waits on a probe that will not answer.
+    HalfOpen {
+        reprobe: Instant,
+    },
 }
+
+/// A probe that has not answered within this long (or the cool-down, if
+/// longer) no longer holds the next one back.
+const REPROBE_AFTER: Duration = Duration::from_secs(1);
 
 impl Breaker {
     pub fn new(threshold: u32, cooldown: Duration) -> Breaker {
@@ -143,7 +152,7 @@ impl Breaker {
         match *self.state.lock().expect("lock") {
             State::Closed { .. } => BreakerState::Closed,
             State::Open { .. } => BreakerState::Open,
-            State::HalfOpen => BreakerState::HalfOpen,
+            State::HalfOpen { .. } => BreakerState::HalfOpen,
         }
     }
 
@@ -152,18 +161,22 @@ impl Breaker {
         let mut s = self.state.lock().expect("lock");
         match *s {
             State::Closed { .. } => Pull::Any,
-            State::Open { until } if Instant::now() >= until => {
-                *s = State::HalfOpen;
+            State::Open { until: due } | State::HalfOpen { reprobe: due }
+                if Instant::now() >= due =>
+            {
+                *s = State::HalfOpen {
+                    reprobe: Instant::now() + self.cooldown.max(REPROBE_AFTER),
+                };
                 Pull::Probe
             }
-            State::Open { .. } | State::HalfOpen => Pull::None,
+            State::Open { .. } | State::HalfOpen { .. } => Pull::None,
         }
     }
 
     /// The probe slot was granted but no task was there to send.
     pub fn probe_unused(&self) {
         let mut s = self.state.lock().expect("lock");
-        if matches!(*s, State::HalfOpen) {
+        if matches!(*s, State::HalfOpen { .. }) {
             *s = State::Open {
                 until: Instant::now(),
             };
@@ -197,7 +210,7 @@ impl Breaker {
                 };
                 false
             }
-            State::HalfOpen | State::Open { .. } => {
+            State::HalfOpen { .. } | State::Open { .. } => {
                 *s = open;
                 true
             }
@@ -208,6 +221,24 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A probe that never answers (it ended without a call) holds the
+    /// breaker half-open for a while, not for good.
+    #[test]
+    fn a_probe_that_never_answers_is_followed_by_another_after_a_cooldown() {
+        let cooldown = Duration::from_millis(50);
+        let b = Breaker::new(1, cooldown);
+        assert!(b.on_failure(), "the first failure opens it");
+        assert!(matches!(b.pull(), Pull::None));
+        std::thread::sleep(cooldown + Duration::from_millis(10));
+        assert!(matches!(b.pull(), Pull::Probe));
+        assert!(matches!(b.pull(), Pull::None), "one probe at a time");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        std::thread::sleep(REPROBE_AFTER + Duration::from_millis(10));
+        assert!(matches!(b.pull(), Pull::Probe), "the silent probe gave way");
+        b.on_success();
+        assert!(matches!(b.pull(), Pull::Any));
+    }
 
     #[test]
     fn aimd_halves_on_overload_and_creeps_back() {
