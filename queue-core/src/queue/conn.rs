@@ -6,8 +6,8 @@
 //! of the worker's writes to Redis). Here a connection is pinged only when
 //! it has not been handed out for [`CHECK_AFTER`] (Redis may have
 //! restarted while it idled). One whose command failed because the
-//! connection did (I/O, closed by the server, or no answer in time) leaves
-//! the pool when it is dropped, so after a restart each connection in use
+//! connection did (I/O, closed by the server, no answer in time, or what
+//! redis-rs calls unrecoverable) leaves the pool when it is dropped, so after a restart each connection in use
 //! fails one command and is replaced (at most the pool's size of them
 //! fail, where the PING hid it before). A timeout counts too: a
 //! connection whose peer vanished without closing it only ever times out,

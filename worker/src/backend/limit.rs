@@ -124,7 +124,9 @@ enum State {
     /// A probe has been let through and not yet answered. If none has
     /// answered by `reprobe` (a probe can end without a call: a cached
     /// result, a cancel, a panic), another is let through, so the
-    /// breaker never waits on a probe that will not answer.
+    /// breaker never waits on a probe that will not answer. The price: a
+    /// backend slower than the cool-down sees several probes at once (one
+    /// per cool-down of its call); their failures are not charged.
     HalfOpen {
         reprobe: Instant,
     },
