@@ -34,6 +34,12 @@ pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+/// A pooled connection (PostgreSQL or Redis) handed out again within this
+/// long of its last use is not pinged first; one idle longer is, since the
+/// server may have restarted meanwhile (see `queue::conn` and
+/// `store::pool_options`).
+pub(crate) const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub use error::{Error, Result};
 pub use service::Service;
 pub use store::MIGRATOR;

@@ -325,14 +325,14 @@ async fn fetch_loop(
         // Announcements before this fetch are covered by it.
         woken.borrow_and_update();
         let wait = match fetcher.fetch(&inner, held, &tracker, &ahead).await {
-            Ok(_) if fetcher.more => {
+            Ok(()) if fetcher.more => {
                 fetcher.errors = 0;
                 continue;
             }
             // Every queue came back short (or was held back by its
             // breaker): the next task comes with an announcement (or is a
             // retry falling due).
-            Ok(_) => {
+            Ok(()) => {
                 fetcher.errors = 0;
                 fetcher.idle_wait(&inner).await
             }
@@ -599,23 +599,23 @@ impl Fetcher {
         Ok(self.known.clone())
     }
 
-    /// Fills as much of `held` as there is work for; returns how many
-    /// tasks started. Unused room and slots are freed on return.
+    /// Fills as much of `held` as there is work for; whether to fetch again
+    /// at once is left in `more`. Unused room and slots are freed on
+    /// return.
     async fn fetch(
         &mut self,
         inner: &Arc<Inner>,
         mut permits: Vec<Held>,
         tracker: &TaskTracker,
         ahead: &Ahead,
-    ) -> queue_core::Result<usize> {
+    ) -> queue_core::Result<()> {
         self.held_back = false;
         self.more = false;
         let queues = self.queues(inner).await?;
         if queues.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let mut started = 0;
         // Round-robin across queues so one deep queue cannot starve others;
         // within a queue the ready set gives strict priority.
         for i in 0..queues.len() {
@@ -699,13 +699,12 @@ impl Fetcher {
                     // Never fails: the dispatcher outlives the fetcher.
                     let _ = ahead.send((task, permit));
                 }
-                started += 1;
                 metrics::gauge!("inferq_worker_in_flight").increment(1.0);
             }
             inner.end_turn(ticket);
         }
         self.next = self.next.wrapping_add(1);
-        Ok(started)
+        Ok(())
     }
 }
 

@@ -4,12 +4,13 @@
 //! deadpool-redis checks every connection it hands out with a PING: a
 //! round trip before every command or pipeline (at W2's 500 tasks/s, half
 //! of the worker's writes to Redis). Here a connection is pinged only when
-//! it has not been handed out for [`CHECK_AFTER`] (Redis may have
+//! it has not been handed out for [`crate::IDLE_CHECK`] (Redis may have
 //! restarted while it idled). One whose command failed because the
 //! connection did (I/O, closed by the server, no answer in time, or what
-//! redis-rs calls unrecoverable) leaves the pool when it is dropped, so after a restart each connection in use
-//! fails one command and is replaced (at most the pool's size of them
-//! fail, where the PING hid it before). A timeout counts too: a
+//! redis-rs calls unrecoverable) leaves the pool when it is dropped, so
+//! after a restart each connection in use fails one command and is
+//! replaced (at most the pool's size of them fail, where the PING hid it
+//! before). A timeout counts too: a
 //! connection whose peer vanished without closing it only ever times out,
 //! and one in steady use is never idle long enough to be pinged, so
 //! keeping it would fail every command on it; after a mere slow answer
@@ -21,14 +22,11 @@ use deadpool::managed::{self, Metrics, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-/// A connection handed out again within this long of its last use is
-/// not pinged first.
-pub const CHECK_AFTER: Duration = Duration::from_secs(1);
-
 pub type Pool = managed::Pool<Manager>;
 
 /// deadpool-redis's manager (connecting, and its PING), pinging only a
-/// connection not handed out for `check_after`.
+/// connection not handed out for `check_after` ([`crate::IDLE_CHECK`];
+/// a field so a test can make it longer).
 pub struct Manager {
     pub inner: deadpool_redis::Manager,
     pub check_after: Duration,
@@ -71,6 +69,10 @@ impl Conn {
 
     fn connection(&mut self) -> &mut MultiplexedConnection {
         self.object.as_mut().expect("present until dropped")
+    }
+
+    fn connection_ref(&self) -> &MultiplexedConnection {
+        self.object.as_ref().expect("present until dropped")
     }
 
     fn note(&mut self, e: &RedisError) {
@@ -124,7 +126,7 @@ impl ConnectionLike for Conn {
     }
 
     fn get_db(&self) -> i64 {
-        self.object.as_ref().map_or(0, |o| o.get_db())
+        self.connection_ref().get_db()
     }
 }
 
@@ -181,10 +183,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_that_broke_while_idle_is_replaced_before_use() {
-        let pool = pool(CHECK_AFTER);
+        let pool = pool(crate::IDLE_CHECK);
         let first = client_id(&pool).await.unwrap();
         kill(first).await;
-        tokio::time::sleep(CHECK_AFTER + Duration::from_millis(100)).await;
+        tokio::time::sleep(crate::IDLE_CHECK + Duration::from_millis(100)).await;
         let next = client_id(&pool)
             .await
             .expect("the idle connection was pinged and replaced");

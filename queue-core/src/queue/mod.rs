@@ -132,7 +132,7 @@ impl Queue {
         let wait = Some(Duration::from_secs(1));
         let pool = Pool::builder(Manager {
             inner: manager,
-            check_after: conn::CHECK_AFTER,
+            check_after: crate::IDLE_CHECK,
         })
         .max_size(config.redis_pool)
         .wait_timeout(wait)

@@ -46,10 +46,6 @@ pub struct Store {
 /// during an outage gets 503 quickly instead of hanging on the pool.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A pooled connection handed out again within this long of its last use
-/// is not pinged first.
-const CHECK_AFTER: Duration = Duration::from_secs(1);
-
 /// sqlx pings every connection it hands out by default: a round trip
 /// before every statement, on the path of every request. A connection is
 /// pinged here only after it idled (PostgreSQL may have restarted
@@ -62,7 +58,7 @@ fn pool_options(max: u32) -> PgPoolOptions {
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for >= CHECK_AFTER {
+                if meta.idle_for >= crate::IDLE_CHECK {
                     sqlx::Connection::ping(conn).await?;
                 }
                 Ok(true)
@@ -209,7 +205,7 @@ mod tests {
             .await
             .unwrap();
         assert!(killed);
-        tokio::time::sleep(CHECK_AFTER + Duration::from_millis(100)).await;
+        tokio::time::sleep(crate::IDLE_CHECK + Duration::from_millis(100)).await;
         let next = pid()
             .await
             .expect("the idle connection was pinged and replaced");

@@ -175,7 +175,8 @@ impl Breaker {
         }
     }
 
-    /// The probe slot was granted but no task was there to send.
+    /// The probe's turn was granted but it sent nothing (no task, only
+    /// stale ids, or a failed claim): the next fetch may probe at once.
     pub fn probe_unused(&self) {
         let mut s = self.state.lock().expect("lock");
         if matches!(*s, State::HalfOpen { .. }) {
@@ -231,15 +232,15 @@ mod tests {
         let cooldown = Duration::from_millis(50);
         let b = Breaker::new(1, cooldown);
         assert!(b.on_failure(), "the first failure opens it");
-        assert!(matches!(b.pull(), Pull::None));
+        assert_eq!(b.pull(), Pull::None);
         std::thread::sleep(cooldown + Duration::from_millis(10));
-        assert!(matches!(b.pull(), Pull::Probe));
-        assert!(matches!(b.pull(), Pull::None), "one probe at a time");
+        assert_eq!(b.pull(), Pull::Probe);
+        assert_eq!(b.pull(), Pull::None, "one probe at a time");
         assert_eq!(b.state(), BreakerState::HalfOpen);
         std::thread::sleep(REPROBE_AFTER + Duration::from_millis(10));
-        assert!(matches!(b.pull(), Pull::Probe), "the silent probe gave way");
+        assert_eq!(b.pull(), Pull::Probe, "the silent probe gave way");
         b.on_success();
-        assert!(matches!(b.pull(), Pull::Any));
+        assert_eq!(b.pull(), Pull::Any);
     }
 
     #[test]
