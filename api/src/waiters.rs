@@ -5,6 +5,11 @@
 //! its batch; a waiter then reads PostgreSQL once. An idle waiter costs a
 //! parked future and a map entry, and no query at all until it is woken or
 //! its wait ends.
+//!
+//! A waiter also reads once on arrival, in case its task finished before it
+//! came, unless the task is one this process just submitted and has not
+//! heard finish (see [`Fresh`]): the usual client submits, then waits at
+//! once, and that first read was half of PostgreSQL's reads in W2.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,7 +28,35 @@ pub const MAX_WAIT_SECS: f64 = 60.0;
 #[derive(Debug, Default)]
 pub struct Waiters {
     map: Mutex<HashMap<Uuid, Arc<Entry>>>,
+    fresh: Mutex<Fresh>,
 }
+
+/// Tasks this process submitted in the last [`FRESH_FOR`] whose finish it
+/// has not heard, by id, with their tenant. An id goes in before its task
+/// is committed (so before any worker can run it) and only while the
+/// completion subscription is up; it comes out when its finish is heard,
+/// and everything comes out when the subscription breaks. So an id found
+/// here belongs to a task that has not finished, or whose finish is still
+/// on its way to this process and will wake whoever waits on it.
+#[derive(Debug, Default)]
+struct Fresh {
+    /// The subscription is up (from its confirmation to its first error).
+    live: bool,
+    tasks: HashMap<Uuid, String>,
+    /// Insertion order, to forget the old ones.
+    order: std::collections::VecDeque<(std::time::Instant, Uuid)>,
+}
+
+/// How long a submitted task is remembered: a client that waits later
+/// than this reads first, as any other. Also bounds the harm of a finish
+/// announcement that was lost on its way out of a worker (its waiters,
+/// skipping the read, sleep until their wait ends, as do waiters that came
+/// before the finish whatever this module does).
+const FRESH_FOR: Duration = Duration::from_secs(2);
+
+/// At most this many remembered (about 1.5 MB); past it a submission is
+/// simply not remembered, and its waiter reads.
+const FRESH_MAX: usize = 16_384;
 
 /// What the waiters of one id share.
 #[derive(Debug, Default)]
@@ -79,7 +112,52 @@ impl Waiters {
         }
     }
 
+    /// Remembers a task this process is about to commit (see [`Fresh`]);
+    /// [`Waiters::forget`] it if the commit fails.
+    pub fn submitting(&self, id: Uuid, tenant: &str) {
+        let mut fresh = self.fresh.lock().expect("lock");
+        let now = std::time::Instant::now();
+        while let Some(&(at, old)) = fresh.order.front() {
+            if now.duration_since(at) < FRESH_FOR && fresh.order.len() < FRESH_MAX {
+                break;
+            }
+            fresh.order.pop_front();
+            fresh.tasks.remove(&old);
+        }
+        if fresh.live {
+            fresh.tasks.insert(id, tenant.to_owned());
+            fresh.order.push_back((now, id));
+        }
+    }
+
+    pub fn forget(&self, id: Uuid) {
+        self.fresh.lock().expect("lock").tasks.remove(&id);
+    }
+
+    /// The tenant of a task this process submitted and has not heard
+    /// finish: its waiter need not read it first.
+    pub fn unfinished_submission(&self, id: Uuid) -> Option<String> {
+        self.fresh.lock().expect("lock").tasks.get(&id).cloned()
+    }
+
+    /// Whether the completion subscription is up (tests).
+    pub fn listening(&self) -> bool {
+        self.fresh.lock().expect("lock").live
+    }
+
+    /// The subscription is confirmed (`true`) or broke (`false`): either
+    /// way, what was remembered can no longer be trusted.
+    fn subscribed(&self, live: bool) {
+        let mut fresh = self.fresh.lock().expect("lock");
+        fresh.live = live;
+        fresh.tasks.clear();
+        fresh.order.clear();
+    }
+
     pub fn wake(&self, id: Uuid) {
+        // Forgotten before waking: a waiter that still finds it registered
+        // itself before this wake.
+        self.fresh.lock().expect("lock").tasks.remove(&id);
         if let Some(e) = self.map.lock().expect("lock").get(&id) {
             e.known_unfinished
                 .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -117,11 +195,15 @@ pub fn spawn_listener(queue: Queue, waiters: Arc<Waiters>) -> tokio::task::JoinH
                         waiters.wake(b);
                     }
                 }
-                Event::Resubscribed => waiters.wake_all(),
+                Event::Resubscribed => {
+                    waiters.subscribed(true);
+                    waiters.wake_all();
+                }
             };
             if let Err(e) = queue.listen(&mut deliver).await {
                 tracing::debug!(error = %e, "completion events unavailable; retrying");
             }
+            waiters.subscribed(false);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })
@@ -175,6 +257,46 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn submissions_are_remembered_only_while_the_subscription_is_up() {
+        let w = Waiters::default();
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        w.submitting(a, "t");
+        assert_eq!(w.unfinished_submission(a), None, "events may be missed");
+        w.subscribed(true);
+        w.submitting(a, "t");
+        w.submitting(b, "u");
+        w.submitting(c, "t");
+        assert_eq!(w.unfinished_submission(b).as_deref(), Some("u"));
+        w.wake(a);
+        assert_eq!(w.unfinished_submission(a), None, "its finish was heard");
+        w.forget(c);
+        assert_eq!(w.unfinished_submission(c), None, "its commit failed");
+        w.subscribed(false);
+        assert_eq!(w.unfinished_submission(b), None, "finishes may be missed");
+        w.subscribed(true);
+        assert_eq!(
+            w.unfinished_submission(b),
+            None,
+            "nor trusted once it is back"
+        );
+    }
+
+    #[test]
+    fn submissions_are_remembered_for_a_while_and_up_to_a_bound() {
+        let w = Waiters::default();
+        w.subscribed(true);
+        let ids: Vec<Uuid> = (0..=FRESH_MAX).map(|_| Uuid::now_v7()).collect();
+        for id in &ids {
+            w.submitting(*id, "t");
+        }
+        assert_eq!(w.unfinished_submission(ids[0]), None, "the oldest goes");
+        assert!(w.unfinished_submission(ids[FRESH_MAX]).is_some());
+        std::thread::sleep(FRESH_FOR);
+        w.submitting(Uuid::now_v7(), "t");
+        assert_eq!(w.unfinished_submission(ids[FRESH_MAX]), None, "too old");
     }
 
     #[test]

@@ -667,6 +667,92 @@ async fn long_poll_answers_the_moment_the_task_finishes(pool: PgPool) {
     api.service.queue.purge().await.unwrap();
 }
 
+/// A client that submits and then waits (the usual way) is not read from
+/// PostgreSQL on arrival: this process knows its task is unfinished until
+/// it hears otherwise. Heard before the waiter came, the finish is answered
+/// at once; never heard (an announcement lost), it is seen when the wait
+/// ends.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_waiter_of_a_task_just_submitted_here_needs_no_first_read(pool: PgPool) {
+    let service = testkit::service(pool);
+    let state = AppState::new(service.clone());
+    let waiters = state.waiters.clone();
+    let api = Api {
+        router: app(state, SMALL_LIMIT),
+        service,
+    };
+    testkit::wait_for(
+        "the completion subscription",
+        std::time::Duration::from_secs(10),
+        || async { waiters.listening().then_some(()) },
+    )
+    .await;
+    let submit = || async {
+        let (status, t) = api
+            .post("/tasks", &json!({"model": "sim", "prompt": "x"}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{t}");
+        let id = uuid::Uuid::parse_str(t["id"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            waiters.unfinished_submission(id).as_deref(),
+            Some("default")
+        );
+        id
+    };
+
+    // Finished and announced before anyone waits: answered at once.
+    let id = submit().await;
+    finish_like_a_worker(&api.service, id, None).await;
+    testkit::wait_for(
+        "the finish to be heard",
+        std::time::Duration::from_secs(10),
+        || async { waiters.unfinished_submission(id).is_none().then_some(()) },
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let (status, body) = api.get(&format!("/tasks/{id}?wait=20")).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("succeeded"))
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "answered at once"
+    );
+
+    // Finished but never announced: the waiter did not read on arrival,
+    // and sees the finish when its wait ends.
+    let id = submit().await;
+    let claimed = api
+        .service
+        .store
+        .claim(&[id], std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let done = queue_core::store::Finish::Succeeded {
+        result: json!({"text": "done"}),
+    };
+    assert!(
+        api.service
+            .store
+            .finish(id, claimed[0].attempts, &done)
+            .await
+            .unwrap()
+    );
+    let start = std::time::Instant::now();
+    let (status, body) = api.get(&format!("/tasks/{id}?wait=0.5")).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("succeeded"))
+    );
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(500),
+        "no first read"
+    );
+
+    api.service.queue.purge().await.unwrap();
+}
+
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn long_poll_times_out_with_the_current_state(pool: PgPool) {
     let api = Api::new(pool, SMALL_LIMIT);

@@ -24,6 +24,7 @@ const ADMIN: &str = "admin-token-for-tests";
 struct Api {
     router: Router,
     service: Service,
+    waiters: std::sync::Arc<inferq_api::waiters::Waiters>,
 }
 
 struct Answer {
@@ -44,11 +45,14 @@ impl Api {
     fn with(pool: PgPool, admin: AdminAccess, defaults: Limits) -> Api {
         let service = testkit::service(pool);
         let auth = Auth::new(AuthMode::Required, admin, defaults);
-        let router = app(
-            AppState::new(service.clone()).with_auth(auth),
-            4 * 1024 * 1024,
-        );
-        Api { router, service }
+        let state = AppState::new(service.clone()).with_auth(auth);
+        let waiters = state.waiters.clone();
+        let router = app(state, 4 * 1024 * 1024);
+        Api {
+            router,
+            service,
+            waiters,
+        }
     }
 
     async fn call(
@@ -325,6 +329,14 @@ async fn a_tenant_sees_only_its_own_tasks_and_batches(pool: PgPool) {
     let scopes = ["submit", "read", "cancel"];
     let a = api.key("tenant-a", &scopes).await;
     let b = api.key("tenant-b", &scopes).await;
+    // Subscribed first, so that this process remembers A's task as its own
+    // submission and B's waiter is refused without a read.
+    testkit::wait_for(
+        "the completion subscription",
+        Duration::from_secs(10),
+        || async { api.waiters.listening().then_some(()) },
+    )
+    .await;
 
     let task_a = api.call("POST", "/tasks", Some(&a), Some(task())).await;
     assert_eq!(task_a.status, StatusCode::ACCEPTED);

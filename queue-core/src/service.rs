@@ -46,6 +46,7 @@ struct Read {
 const GROUP_MAX: usize = 1_000;
 
 struct Pending {
+    id: Uuid,
     tenant: String,
     task: NewTask,
     reply: oneshot::Sender<Result<Accepted>>,
@@ -91,19 +92,27 @@ impl Service {
     /// being written. If the shared statement fails, every request in it
     /// fails; none is answered without its row.
     pub async fn submit_for(&self, tenant: &str, task: &NewTask) -> Result<Accepted> {
+        self.submit_as(Uuid::now_v7(), tenant, task).await
+    }
+
+    /// [`Service::submit_for`] with the task's id chosen by the caller (a
+    /// v7 id, so that ids stay in time order), who may then note it before
+    /// any worker can see the task.
+    pub async fn submit_as(&self, id: Uuid, tenant: &str, task: &NewTask) -> Result<Accepted> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
+            id,
             tenant: tenant.to_owned(),
             task: task.clone(),
             reply,
         };
         if self.group.send(pending).await.is_err() {
-            return self.submit_alone(tenant, task).await;
+            return self.submit_alone(id, tenant, task).await;
         }
         match answer.await {
             Ok(result) => result,
             // The writer went away with our request: it was not committed.
-            Err(_) => self.submit_alone(tenant, task).await,
+            Err(_) => self.submit_alone(id, tenant, task).await,
         }
     }
 
@@ -113,8 +122,9 @@ impl Service {
         self.submit_for(DEFAULT_TENANT, task).await
     }
 
-    async fn submit_alone(&self, tenant: &str, task: &NewTask) -> Result<Accepted> {
-        match self.submit_with_key(tenant, task, None).await? {
+    async fn submit_alone(&self, id: Uuid, tenant: &str, task: &NewTask) -> Result<Accepted> {
+        let row = Row { id, tenant, task };
+        match insert_and_push(&self.store, &self.queue, None, vec![row], None).await? {
             Submission::New(a) => Ok(a),
             Submission::Replay(_) | Submission::KeyReused => {
                 unreachable!("no key, no replay")
@@ -129,8 +139,12 @@ impl Service {
         task: &NewTask,
         key: Option<&IdempotencyKey>,
     ) -> Result<Submission> {
-        let pending = [(tenant, task)];
-        insert_and_push(&self.store, &self.queue, None, &pending, key).await
+        let row = Row {
+            id: Uuid::now_v7(),
+            tenant,
+            task,
+        };
+        insert_and_push(&self.store, &self.queue, None, vec![row], key).await
     }
 
     /// Commits a batch and all its tasks in one transaction (all or none),
@@ -158,12 +172,22 @@ impl Service {
         batch: &NewBatch,
         key: Option<&IdempotencyKey>,
     ) -> Result<Submission> {
-        let tasks: Vec<(&str, &NewTask)> = batch.tasks.iter().map(|t| (tenant, t)).collect();
+        // v7 ids made in order are strictly increasing, which the ready
+        // set relies on to keep a batch's tasks in order within its ms.
+        let rows: Vec<Row<'_>> = batch
+            .tasks
+            .iter()
+            .map(|task| Row {
+                id: Uuid::now_v7(),
+                tenant,
+                task,
+            })
+            .collect();
         insert_and_push(
             &self.store,
             &self.queue,
             Some((batch_id, batch.metadata.as_ref())),
-            &tasks,
+            rows,
             key,
         )
         .await
@@ -247,25 +271,15 @@ impl Service {
     }
 }
 
-/// `tasks` with their tenants: a group commit mixes tenants; a batch or
+/// `rows` with their tenants: a group commit mixes tenants; a batch or
 /// a keyed submission has one.
 async fn insert_and_push(
     store: &Store,
     queue: &Queue,
     batch: Option<(Uuid, Option<&serde_json::Value>)>,
-    tasks: &[(&str, &NewTask)],
+    rows: Vec<Row<'_>>,
     key: Option<&IdempotencyKey>,
 ) -> Result<Submission> {
-    // v7 ids from one process are strictly increasing, which the ready
-    // set relies on to keep FIFO order between tasks of the same ms.
-    let rows: Vec<Row<'_>> = tasks
-        .iter()
-        .map(|&(tenant, task)| Row {
-            id: Uuid::now_v7(),
-            tenant,
-            task,
-        })
-        .collect();
     let created_at = match store.insert_tasks(batch, &rows, key).await? {
         Inserted::New(at) => at,
         Inserted::Existing(existing) if existing.same_body => {
@@ -297,12 +311,8 @@ async fn insert_and_push(
 }
 
 /// Commits `tasks` as one group; a failure is every task's failure.
-async fn commit_group(
-    store: &Store,
-    queue: &Queue,
-    tasks: &[(&str, &NewTask)],
-) -> Result<Accepted> {
-    match insert_and_push(store, queue, None, tasks, None).await? {
+async fn commit_group(store: &Store, queue: &Queue, rows: Vec<Row<'_>>) -> Result<Accepted> {
+    match insert_and_push(store, queue, None, rows, None).await? {
         Submission::New(a) => Ok(a),
         Submission::Replay(_) | Submission::KeyReused => unreachable!("no key, no replay"),
     }
@@ -384,12 +394,19 @@ async fn group_writer(store: Store, queue: Queue, mut rx: mpsc::Receiver<Pending
             }
         }
         // Moved, not cloned again: the request already gave its own copy.
-        let (tasks, replies): (Vec<(String, NewTask)>, Vec<_>) = group
+        let (tasks, replies): (Vec<(Uuid, String, NewTask)>, Vec<_>) = group
             .into_iter()
-            .map(|p| ((p.tenant, p.task), p.reply))
+            .map(|p| ((p.id, p.tenant, p.task), p.reply))
             .unzip();
-        let tasks: Vec<(&str, &NewTask)> = tasks.iter().map(|(t, n)| (t.as_str(), n)).collect();
-        match commit_group(&store, &queue, &tasks).await {
+        let rows: Vec<Row<'_>> = tasks
+            .iter()
+            .map(|(id, tenant, task)| Row {
+                id: *id,
+                tenant,
+                task,
+            })
+            .collect();
+        match commit_group(&store, &queue, rows).await {
             Ok(accepted) => {
                 for (reply, id) in replies.into_iter().zip(accepted.ids) {
                     let _ = reply.send(Ok(Accepted {

@@ -83,7 +83,19 @@ async fn submit(
                 .submit_with_key(&caller.tenant, &task, Some(k))
                 .await?
         }
-        None => Submission::New(state.service.submit_for(&caller.tenant, &task).await?),
+        None => {
+            // Noted before the commit, so that its finish cannot come
+            // first: then its waiter can skip the first read.
+            let id = uuid::Uuid::now_v7();
+            state.waiters.submitting(id, &caller.tenant);
+            match state.service.submit_as(id, &caller.tenant, &task).await {
+                Ok(accepted) => Submission::New(accepted),
+                Err(e) => {
+                    state.waiters.forget(id);
+                    return Err(e.into());
+                }
+            }
+        }
     };
     match submission {
         Submission::New(accepted) => {
@@ -203,8 +215,12 @@ async fn waited_view(
     if let Some(view) = watch.entry.finished.get() {
         return Ok(Json(view.clone()));
     }
-    // Thousands of waiters on one task arriving together read it once.
-    if !watch.entry.known_unfinished.load(Ordering::SeqCst) {
+    // Registered before asking, so the finish of a task found here still
+    // wakes us (it is forgotten there just before its waiters are woken).
+    if let Some(tenant) = state.waiters.unfinished_submission(id) {
+        let _ = watch.entry.tenant.set(tenant);
+    } else if !watch.entry.known_unfinished.load(Ordering::SeqCst) {
+        // Thousands of waiters on one task arriving together read it once.
         let _reading = watch.entry.reading.lock().await;
         if let Some(view) = watch.entry.finished.get() {
             return Ok(Json(view.clone()));
