@@ -42,7 +42,8 @@ pub struct Waiters {
 struct Fresh {
     /// The subscription is up (from its confirmation to its first error).
     live: bool,
-    tasks: HashMap<Uuid, String>,
+    /// When each was noted, and its tenant.
+    tasks: HashMap<Uuid, (std::time::Instant, String)>,
     /// Insertion order, to forget the old ones.
     order: std::collections::VecDeque<(std::time::Instant, Uuid)>,
 }
@@ -54,7 +55,7 @@ struct Fresh {
 /// before the finish whatever this module does).
 const FRESH_FOR: Duration = Duration::from_secs(2);
 
-/// At most this many remembered (about 1.5 MB); past it a submission is
+/// At most this many remembered (about 2 MB); past it a submission is
 /// simply not remembered, and its waiter reads.
 const FRESH_MAX: usize = 16_384;
 
@@ -125,7 +126,7 @@ impl Waiters {
             fresh.tasks.remove(&old);
         }
         if fresh.live {
-            fresh.tasks.insert(id, tenant.to_owned());
+            fresh.tasks.insert(id, (now, tenant.to_owned()));
             fresh.order.push_back((now, id));
         }
     }
@@ -137,7 +138,11 @@ impl Waiters {
     /// The tenant of a task this process submitted and has not heard
     /// finish: its waiter need not read it first.
     pub fn unfinished_submission(&self, id: Uuid) -> Option<String> {
-        self.fresh.lock().expect("lock").tasks.get(&id).cloned()
+        let fresh = self.fresh.lock().expect("lock");
+        // Old entries are pruned only as new ones come: an API that stops
+        // taking submissions still forgets on time.
+        let (at, tenant) = fresh.tasks.get(&id)?;
+        (at.elapsed() < FRESH_FOR).then(|| tenant.clone())
     }
 
     /// Whether the completion subscription is up (tests).
@@ -187,6 +192,15 @@ impl Waiters {
 /// a short pause when Redis goes away.
 pub fn spawn_listener(queue: Queue, waiters: Arc<Waiters>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Even if this task ends without saying so (a panic), nothing
+        // remembered is trusted afterwards.
+        struct Unsubscribed<'a>(&'a Waiters);
+        impl Drop for Unsubscribed<'_> {
+            fn drop(&mut self) {
+                self.0.subscribed(false);
+            }
+        }
+        let _unsubscribed = Unsubscribed(&waiters);
         loop {
             let mut deliver = |event: Event| match event {
                 Event::Finished(f) => {
@@ -295,6 +309,11 @@ mod tests {
         assert_eq!(w.unfinished_submission(ids[0]), None, "the oldest goes");
         assert!(w.unfinished_submission(ids[FRESH_MAX]).is_some());
         std::thread::sleep(FRESH_FOR);
+        assert_eq!(
+            w.unfinished_submission(ids[FRESH_MAX]),
+            None,
+            "too old, with no submission since"
+        );
         w.submitting(Uuid::now_v7(), "t");
         assert_eq!(w.unfinished_submission(ids[FRESH_MAX]), None, "too old");
     }

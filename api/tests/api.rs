@@ -700,6 +700,43 @@ async fn a_waiter_of_a_task_just_submitted_here_needs_no_first_read(pool: PgPool
         id
     };
 
+    // The usual way: waiting (without a first read) when the finish comes.
+    let id = submit().await;
+    let router = api.router.clone();
+    let waiter = tokio::spawn(async move {
+        let resp = router
+            .oneshot(
+                Request::builder()
+                    .uri(format!("/tasks/{id}?wait=20"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice::<Value>(&body).unwrap())
+    });
+    testkit::wait_for(
+        "the waiter to park",
+        std::time::Duration::from_secs(10),
+        || async { (waiters.len() == 1).then_some(()) },
+    )
+    .await;
+    let start = std::time::Instant::now();
+    finish_like_a_worker(&api.service, id, None).await;
+    let (status, body) = waiter.await.unwrap();
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("succeeded"))
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "woken by the finish"
+    );
+
     // Finished and announced before anyone waits: answered at once.
     let id = submit().await;
     finish_like_a_worker(&api.service, id, None).await;

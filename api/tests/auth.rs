@@ -341,6 +341,12 @@ async fn a_tenant_sees_only_its_own_tasks_and_batches(pool: PgPool) {
     let task_a = api.call("POST", "/tasks", Some(&a), Some(task())).await;
     assert_eq!(task_a.status, StatusCode::ACCEPTED);
     let task_a = task_a.body["id"].as_str().unwrap().to_owned();
+    assert!(
+        api.waiters
+            .unfinished_submission(task_a.parse().unwrap())
+            .is_some(),
+        "remembered as this process's own submission"
+    );
     let batch_a = api
         .call(
             "POST",

@@ -214,16 +214,19 @@ impl Service {
     pub async fn cancel(&self, id: Uuid, tenant: Option<&str>) -> Result<CancelOutcome> {
         let outcome = self.store.cancel(id, tenant).await?;
         if let CancelOutcome::Cancelled(task) = &outcome {
-            if let Err(e) = self.queue.remove_ready(&task.model, id).await {
-                // Harmless: the claim skips cancelled tasks.
-                tracing::debug!(task_id = %id, error = %e, "could not drop cancelled id from redis");
-            }
+            // Announced first: waiters are what the caller cannot redo if
+            // this future is dropped midway (a stale ready id is skipped
+            // by the claim anyway).
             let finished = Finished {
                 task: id,
                 batch: task.batch_id,
             };
             if let Err(e) = self.queue.publish_finished(&[finished]).await {
                 tracing::debug!(task_id = %id, error = %e, "could not announce the cancel");
+            }
+            if let Err(e) = self.queue.remove_ready(&task.model, id).await {
+                // Harmless: the claim skips cancelled tasks.
+                tracing::debug!(task_id = %id, error = %e, "could not drop cancelled id from redis");
             }
         }
         Ok(outcome)

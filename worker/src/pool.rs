@@ -1141,19 +1141,20 @@ async fn record_alone(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 .await
         }
         Finish::Failed { .. } => {
-            // Counted for the queue's throughput; not worth a warning.
-            let counted = [(task.model.as_str(), Outcome::Failed, 1)];
-            if let Err(e) = inner.queue.count_finished(&counted).await {
-                tracing::debug!(error = %e, "throughput not counted");
-            }
             // Wakes long-polling clients at once.
-            inner
+            let announced = inner
                 .queue
                 .publish_finished(&[Finished {
                     task: task.id,
                     batch: task.batch_id,
                 }])
-                .await
+                .await;
+            // Counted for the queue's throughput; not worth a warning.
+            let counted = [(task.model.as_str(), Outcome::Failed, 1)];
+            if let Err(e) = inner.queue.count_finished(&counted).await {
+                tracing::debug!(error = %e, "throughput not counted");
+            }
+            announced
         }
     };
     if let Err(e) = dispatch {

@@ -821,7 +821,10 @@ impl Store {
 
     /// A page of tasks, newest first, keyed on the (time-ordered) id: tasks
     /// inserted while a client pages have larger ids than its cursor, so
-    /// they never shift the pages it has yet to read.
+    /// they do not shift the pages it has yet to read. (An id is made as
+    /// its request arrives, a moment before its commit, and several API
+    /// processes make their own: a task committed just after a page was
+    /// read may still sort just below its cursor and show on the next.)
     pub async fn list_tasks(
         &self,
         filter: &TaskFilter,
