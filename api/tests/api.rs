@@ -615,6 +615,13 @@ async fn metrics_count_submissions(pool: PgPool) {
 
 /// What a worker does when a task finishes: the fenced write, then the event.
 async fn finish_like_a_worker(svc: &Service, id: uuid::Uuid, batch: Option<uuid::Uuid>) {
+    finish_unannounced(svc, id).await;
+    let event = queue_core::queue::events::Finished { task: id, batch };
+    svc.queue.publish_finished(&[event]).await.unwrap();
+}
+
+/// The write alone: as if the announcement were lost.
+async fn finish_unannounced(svc: &Service, id: uuid::Uuid) {
     let claimed = svc
         .store
         .claim(&[id], std::time::Duration::from_secs(30))
@@ -629,8 +636,6 @@ async fn finish_like_a_worker(svc: &Service, id: uuid::Uuid, batch: Option<uuid:
             .await
             .unwrap()
     );
-    let event = queue_core::queue::events::Finished { task: id, batch };
-    svc.queue.publish_finished(&[event]).await.unwrap();
 }
 
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
@@ -677,10 +682,10 @@ async fn a_waiter_of_a_task_just_submitted_here_needs_no_first_read(pool: PgPool
     let service = testkit::service(pool);
     let state = AppState::new(service.clone());
     let waiters = state.waiters.clone();
-    let api = Api {
+    let api = std::sync::Arc::new(Api {
         router: app(state, SMALL_LIMIT),
         service,
-    };
+    });
     testkit::wait_for(
         "the completion subscription",
         std::time::Duration::from_secs(10),
@@ -702,23 +707,10 @@ async fn a_waiter_of_a_task_just_submitted_here_needs_no_first_read(pool: PgPool
 
     // The usual way: waiting (without a first read) when the finish comes.
     let id = submit().await;
-    let router = api.router.clone();
-    let waiter = tokio::spawn(async move {
-        let resp = router
-            .oneshot(
-                Request::builder()
-                    .uri(format!("/tasks/{id}?wait=20"))
-                    .body(Body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let status = resp.status();
-        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, serde_json::from_slice::<Value>(&body).unwrap())
-    });
+    let waiter = {
+        let api = api.clone();
+        tokio::spawn(async move { api.get(&format!("/tasks/{id}?wait=20")).await })
+    };
     testkit::wait_for(
         "the waiter to park",
         std::time::Duration::from_secs(10),
@@ -727,11 +719,14 @@ async fn a_waiter_of_a_task_just_submitted_here_needs_no_first_read(pool: PgPool
     .await;
     let start = std::time::Instant::now();
     finish_like_a_worker(&api.service, id, None).await;
-    let (status, body) = waiter.await.unwrap();
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (StatusCode::OK, Some("succeeded"))
-    );
+    let succeeded = |(status, body): (StatusCode, Value)| {
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (StatusCode::OK, Some("succeeded")),
+            "{body}"
+        );
+    };
+    succeeded(waiter.await.unwrap());
     assert!(
         start.elapsed() < std::time::Duration::from_secs(5),
         "woken by the finish"
@@ -747,11 +742,7 @@ async fn a_waiter_of_a_task_just_submitted_here_needs_no_first_read(pool: PgPool
     )
     .await;
     let start = std::time::Instant::now();
-    let (status, body) = api.get(&format!("/tasks/{id}?wait=20")).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (StatusCode::OK, Some("succeeded"))
-    );
+    succeeded(api.get(&format!("/tasks/{id}?wait=20")).await);
     assert!(
         start.elapsed() < std::time::Duration::from_secs(5),
         "answered at once"
@@ -760,28 +751,9 @@ async fn a_waiter_of_a_task_just_submitted_here_needs_no_first_read(pool: PgPool
     // Finished but never announced: the waiter did not read on arrival,
     // and sees the finish when its wait ends.
     let id = submit().await;
-    let claimed = api
-        .service
-        .store
-        .claim(&[id], std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
-    let done = queue_core::store::Finish::Succeeded {
-        result: json!({"text": "done"}),
-    };
-    assert!(
-        api.service
-            .store
-            .finish(id, claimed[0].attempts, &done)
-            .await
-            .unwrap()
-    );
+    finish_unannounced(&api.service, id).await;
     let start = std::time::Instant::now();
-    let (status, body) = api.get(&format!("/tasks/{id}?wait=0.5")).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (StatusCode::OK, Some("succeeded"))
-    );
+    succeeded(api.get(&format!("/tasks/{id}?wait=0.5")).await);
     assert!(
         start.elapsed() >= std::time::Duration::from_millis(500),
         "no first read"
