@@ -31,14 +31,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
-    /// Reads of tasks by id (the API's shared reader; see
-    /// [`Store::tasks_with_history`]), on connections of their own that
-    /// never plan a sequential scan.
-    reads: PgPool,
-    /// Writes of tasks by id: the worker's claims, outcomes, lease renewals
-    /// and progress, and cancels, on connections of their own that plan
-    /// each statement for its ids and the table as it is (see
+    /// The statements by id that every task runs: the API's reads (its
+    /// shared reader; see [`Store::tasks_with_history`]) and the worker's
+    /// claims and completions, on connections of their own that plan each
+    /// statement once and never plan a sequential scan (see
     /// [`Store::new`]).
+    planned_once: PgPool,
+    /// The other writes of tasks by id: retries, failures, releases, lease
+    /// renewals, progress and cancels, on connections of their own that
+    /// plan each statement for its ids and the table as it is.
     by_id: PgPool,
 }
 
@@ -66,13 +67,14 @@ fn pool_options(max: u32) -> PgPoolOptions {
         })
 }
 
-/// Connections of [`Store::reads`]: the shared reader has at most this many
-/// queries in flight.
+/// Connections of [`Store::planned_once`]: the API's shared reader has at
+/// most this many queries in flight; a worker's two fetchers and its
+/// completer each use one at a time.
 pub const READ_CONNECTIONS: u32 = 4;
 
-/// Connections of [`Store::by_id`]: a worker's two fetchers, its completer
-/// and its heartbeat each use one at a time, with room for attempts that
-/// end one by one (failed, released).
+/// Connections of [`Store::by_id`]: a worker's completer (its retries) and
+/// heartbeat each use one at a time, with room for attempts that end one by
+/// one (failed, released).
 const BY_ID_CONNECTIONS: u32 = 6;
 
 impl Store {
@@ -82,18 +84,22 @@ impl Store {
         // A prepared statement is planned for its parameters at each run
         // while that looks cheaper than one generic plan, which for reads
         // of one or a few ids it always does: each read was planned anew,
-        // 28 % of PostgreSQL's time in W2. These connections use the
-        // generic plan from the first run. Made while `tasks` is small (a
-        // fresh deployment, any test), that plan would be a sequential scan
-        // kept for the connection's life, every read then costing the whole
-        // table as it grows; with sequential scans off it is an index
-        // lookup, whatever the table's size.
+        // 28 % of PostgreSQL's time in W2 (and planning each claim and
+        // completion about a sixth of it at 500/s, see BENCHMARKS.md).
+        // These connections use the generic plan from the first run. Made
+        // while `tasks` is small (a fresh deployment, any test), that plan
+        // would be a sequential scan kept for the connection's life, every
+        // run then costing the whole table as it grows; with sequential
+        // scans off, and every statement here reaching `tasks` through
+        // `id = ANY($1)` with its status tested as `(...) IS TRUE` (see
+        // below), the primary key is their way in whatever the table's
+        // size (`statements_by_id_keep_primary_key_plans_as_the_table_grows`).
         let options = (*pool.connect_options()).clone().options([
             ("enable_seqscan", "off"),
             ("plan_cache_mode", "force_generic_plan"),
         ]);
-        let reads = pool_options(READ_CONNECTIONS).connect_lazy_with(options);
-        // The writes by id join their ids to `tasks`, and a plan made once
+        let planned_once = pool_options(READ_CONNECTIONS).connect_lazy_with(options);
+        // The other writes by id join their ids to `tasks`, and a plan made once
         // while the table was small (or analyzed small) stays a scan of a
         // whole index joined to the ids, each run costing more as the table
         // grows: a partial index above all, which keeps an entry for every
@@ -106,7 +112,11 @@ impl Store {
             .clone()
             .options([("plan_cache_mode", "force_custom_plan")]);
         let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options);
-        Store { pool, reads, by_id }
+        Store {
+            pool,
+            planned_once,
+            by_id,
+        }
     }
 
     /// Connects (creating the database first when configured to).
@@ -157,7 +167,7 @@ impl Store {
 
     /// Closes every connection, waiting for those in use to come back.
     pub async fn close(&self) {
-        self.reads.close().await;
+        self.planned_once.close().await;
         self.by_id.close().await;
         self.pool.close().await;
     }

@@ -456,7 +456,7 @@ impl Store {
         )
         .bind(ids)
         .bind(lease.as_secs_f64())
-        .fetch_all(&self.by_id)
+        .fetch_all(&self.planned_once)
         .await?;
         Ok(rows)
     }
@@ -668,6 +668,10 @@ impl Store {
     /// Records many successful attempts in one statement (the worker's
     /// completions, collected for a millisecond or two). Fenced per row like
     /// [`Store::finish`]; returns the ids whose write took effect.
+    /// Its one plan is made on the first run, perhaps on an empty table:
+    /// `tasks.id = ANY($1)`, redundant with the join, makes the primary key
+    /// the way into `tasks` whatever the join (without it, a plan made on a
+    /// small table scanned the whole primary key at each run).
     pub async fn finish_succeeded_many(&self, done: &[(Uuid, i32, &Value)]) -> Result<Vec<Uuid>> {
         if done.is_empty() {
             return Ok(Vec::new());
@@ -681,7 +685,8 @@ impl Store {
              ), t AS (
                 UPDATE tasks SET status = 'succeeded', result = u.result, error = NULL, progress = NULL,
                                  finished_at = now(), lease_until = NULL
-                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND (tasks.status = 'running') IS TRUE
+                  FROM u WHERE tasks.id = ANY($1) AND tasks.id = u.id AND tasks.attempts = u.attempt
+                   AND (tasks.status = 'running') IS TRUE
              RETURNING tasks.id
              )
              SELECT id FROM t",
@@ -689,7 +694,7 @@ impl Store {
         .bind(&ids)
         .bind(&attempts)
         .bind(&results)
-        .fetch_all(&self.by_id)
+        .fetch_all(&self.planned_once)
         .await?)
     }
 
@@ -907,7 +912,7 @@ impl Store {
         Ok(
             sqlx::query_as::<_, WithHistory>(sqlx::AssertSqlSafe(SQL.as_str()))
                 .bind(ids)
-                .fetch_all(&self.reads)
+                .fetch_all(&self.planned_once)
                 .await?
                 .into_iter()
                 .map(|r| (r.task, r.history.0))
