@@ -785,7 +785,7 @@ async fn statements_by_id_keep_primary_key_plans_as_the_table_grows(pool: PgPool
     let mut ids_handled = 0;
     // One task at a time on a nearly empty table, analyzed as such, more
     // than the five runs after which PostgreSQL may settle on a generic
-    // plan (claims and completions use one from the first run).
+    // plan (claims and small completions use one from the first run).
     for round in 0..8 {
         if round == 2 {
             sqlx::query("ANALYZE tasks")

@@ -31,15 +31,14 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
-    /// The statements by id that every task runs: the API's reads (its
+    /// Statements by id with one generic plan each: the API's reads (its
     /// shared reader; see [`Store::tasks_with_history`]) and the worker's
-    /// claims and completions, on connections of their own that plan each
-    /// statement once and never plan a sequential scan (see
-    /// [`Store::new`]).
+    /// claims and small completions, on connections of their own that plan each statement once
+    /// and never plan a sequential scan (see [`Store::new`]).
     planned_once: PgPool,
-    /// The other writes of tasks by id: retries, failures, releases, lease
-    /// renewals, progress and cancels, on connections of their own that
-    /// plan each statement for its ids and the table as it is.
+    /// The other writes of tasks by id: outcomes, lease renewals, progress
+    /// and cancels, on connections of their own that plan each statement
+    /// for its ids and the table as it is.
     by_id: PgPool,
 }
 
@@ -72,9 +71,9 @@ fn pool_options(max: u32) -> PgPoolOptions {
 /// completer each use one at a time.
 pub const READ_CONNECTIONS: u32 = 4;
 
-/// Connections of [`Store::by_id`]: a worker's completer (its retries) and
-/// heartbeat each use one at a time, with room for attempts that end one by
-/// one (failed, released).
+/// Connections of [`Store::by_id`]: a worker's completer and its heartbeat
+/// each use one at a time, with room for attempts that end one by one
+/// (failed, released).
 const BY_ID_CONNECTIONS: u32 = 6;
 
 impl Store {
@@ -84,16 +83,20 @@ impl Store {
         // A prepared statement is planned for its parameters at each run
         // while that looks cheaper than one generic plan, which for reads
         // of one or a few ids it always does: each read was planned anew,
-        // 28 % of PostgreSQL's time in W2 (and planning each claim and
-        // completion about a sixth of it at 500/s, see BENCHMARKS.md).
-        // These connections use the generic plan from the first run. Made
-        // while `tasks` is small (a fresh deployment, any test), that plan
-        // would be a sequential scan kept for the connection's life, every
-        // run then costing the whole table as it grows; with sequential
-        // scans off, and every statement here reaching `tasks` through
-        // `id = ANY($1)` with its status tested as `(...) IS TRUE` (see
+        // 28 % of PostgreSQL's time in W2 (and planning a claim or a small
+        // completion took longer than running it, see BENCHMARKS.md). These connections
+        // use the generic plan from the first run. Made while `tasks` is
+        // small (a fresh deployment, any test), that plan would be a
+        // sequential scan kept for the connection's life, every run then
+        // costing the whole table as it grows; with sequential scans off,
+        // and every statement here reaching `tasks` only through
+        // `id = ANY($1)` (the claim tests status as `(...) IS TRUE`, see
         // below), the primary key is their way in whatever the table's
         // size (`statements_by_id_keep_primary_key_plans_as_the_table_grows`).
+        // Statements that join their ids to `tasks` are planned at each
+        // run (but small completions, see `Store::finish_succeeded_many`):
+        // a generic join plan was a whole-index scan or a nested loop over
+        // every pair.
         let options = (*pool.connect_options()).clone().options([
             ("enable_seqscan", "off"),
             ("plan_cache_mode", "force_generic_plan"),
