@@ -723,10 +723,12 @@ async fn every_finished_task_in_a_published_group_reaches_the_listener(pool: PgP
     assert_eq!(got, sent);
 }
 
-/// Every statement that reaches tasks by id keeps going through the
-/// primary key when the table it was first planned on was empty (and
-/// analyzed so: autovacuum analyzes a small table too). Their plans are
-/// made once per connection; a plan made on an empty table used to read a
+/// Every write that reaches tasks by id keeps going through the primary
+/// key when the table it was first planned on was empty (and analyzed so:
+/// autovacuum analyzes a small table too). Small completions' plans are
+/// made once per connection (the other writes are planned at each run;
+/// the reads have `reads_by_id_never_scan_the_whole_table`); a plan made
+/// on an empty table used to read a
 /// whole partial index (`tasks_leases`, `tasks_tenant_unfinished`), which
 /// keeps an entry for every row version that ever matched until a vacuum,
 /// so each claim and completion cost more as the table grew: 6.6 million
@@ -785,7 +787,7 @@ async fn statements_by_id_keep_primary_key_plans_as_the_table_grows(pool: PgPool
     let mut ids_handled = 0;
     // One task at a time on a nearly empty table, analyzed as such, more
     // than the five runs after which PostgreSQL may settle on a generic
-    // plan (claims and small completions use one from the first run).
+    // plan (small completions use one from the first run).
     for round in 0..8 {
         if round == 2 {
             sqlx::query("ANALYZE tasks")

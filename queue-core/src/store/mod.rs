@@ -33,11 +33,11 @@ pub struct Store {
     pool: PgPool,
     /// Statements by id with one generic plan each: the API's reads (its
     /// shared reader; see [`Store::tasks_with_history`]) and the worker's
-    /// claims and small completions, on connections of their own that plan each statement once
+    /// small completions, on connections of their own that plan each statement once
     /// and never plan a sequential scan (see [`Store::new`]).
     planned_once: PgPool,
-    /// The other writes of tasks by id: outcomes, lease renewals, progress
-    /// and cancels, on connections of their own that plan each statement
+    /// The other writes of tasks by id: claims, outcomes, lease renewals,
+    /// progress and the API's cancels, on connections of their own that plan each statement
     /// for its ids and the table as it is.
     by_id: PgPool,
 }
@@ -67,13 +67,14 @@ fn pool_options(max: u32) -> PgPoolOptions {
 }
 
 /// Connections of [`Store::planned_once`]: the API's shared reader has at
-/// most this many queries in flight; a worker's two fetchers and its
-/// completer each use one at a time.
+/// most this many queries in flight (a process that is API and worker at
+/// once, as one test is, shares them with the completer); a worker's
+/// completer uses one at a time.
 pub const READ_CONNECTIONS: u32 = 4;
 
-/// Connections of [`Store::by_id`]: a worker's completer and its heartbeat
-/// each use one at a time, with room for attempts that end one by one
-/// (failed, released).
+/// Connections of [`Store::by_id`]: a worker's two fetchers, its completer
+/// and its heartbeat each use one at a time, with room for attempts that
+/// end one by one (failed, released).
 const BY_ID_CONNECTIONS: u32 = 6;
 
 impl Store {
@@ -83,16 +84,18 @@ impl Store {
         // A prepared statement is planned for its parameters at each run
         // while that looks cheaper than one generic plan, which for reads
         // of one or a few ids it always does: each read was planned anew,
-        // 28 % of PostgreSQL's time in W2 (and planning a claim or a small
-        // completion took longer than running it, see BENCHMARKS.md). These connections
+        // 28 % of PostgreSQL's time in W2 (and planning a small completion
+        // took longer than running it, see BENCHMARKS.md). These connections
         // use the generic plan from the first run. Made while `tasks` is
         // small (a fresh deployment, any test), that plan would be a
         // sequential scan kept for the connection's life, every run then
         // costing the whole table as it grows; with sequential scans off,
         // and every statement here reaching `tasks` only through
-        // `id = ANY($1)` (the claim tests status as `(...) IS TRUE`, see
-        // below), the primary key is their way in whatever the table's
-        // size (`statements_by_id_keep_primary_key_plans_as_the_table_grows`).
+        // `id = ANY($1)`, the primary key is their way in whatever the
+        // table's size (`reads_by_id_never_scan_the_whole_table`,
+        // `statements_by_id_keep_primary_key_plans_as_the_table_grows`).
+        // A plan is kept until the statement is dropped or the table
+        // analyzed (autovacuum is off on this machine).
         // Statements that join their ids to `tasks` are planned at each
         // run (but small completions, see `Store::finish_succeeded_many`):
         // a generic join plan was a whole-index scan or a nested loop over
@@ -102,7 +105,7 @@ impl Store {
             ("plan_cache_mode", "force_generic_plan"),
         ]);
         let planned_once = pool_options(READ_CONNECTIONS).connect_lazy_with(options);
-        // The other writes by id join their ids to `tasks`, and a plan made once
+        // The other writes by id reach `tasks` by their ids, and a plan made once
         // while the table was small (or analyzed small) stays a scan of a
         // whole index joined to the ids, each run costing more as the table
         // grows: a partial index above all, which keeps an entry for every

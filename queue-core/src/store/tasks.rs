@@ -2,10 +2,13 @@
 //!
 //! Writes of tasks by id (claims, outcomes, lease renewals, progress,
 //! cancels) run on the store's `by_id` connections, which plan them at each
-//! run. Where their status test could match a partial index's predicate it
-//! is written `(...) IS TRUE`: the same test for a `NOT NULL` column, but
-//! one the planner cannot match, so they reach their rows through the
-//! primary key (see [`Store::new`]).
+//! run, but for completions of a few tasks, which run with one generic plan
+//! on the connections the reads use (see [`Store::finish_succeeded_many`]).
+//! Where their status test could match a partial index's predicate it is
+//! written `(...) IS TRUE`: the same test for a `NOT NULL` column, but one
+//! the planner of PostgreSQL 15 cannot match (a newer planner may learn
+//! to), so they reach their rows through the primary key (see
+//! [`Store::new`]).
 
 use std::time::Duration;
 
@@ -456,7 +459,7 @@ impl Store {
         )
         .bind(ids)
         .bind(lease.as_secs_f64())
-        .fetch_all(&self.planned_once)
+        .fetch_all(&self.by_id)
         .await?;
         Ok(rows)
     }
@@ -675,9 +678,10 @@ impl Store {
     /// the primary key the way into `tasks` (without it, a plan made on a
     /// small table scanned the whole primary key at each run). That plan
     /// joins in a nested loop, every id against every unnested row, so
-    /// larger batches are planned at each run for their size (all on the
-    /// generic plan, W1's drain fell from 27,508 to 7,905 jobs/s: a
-    /// 512-task completion is 262,144 pairs).
+    /// larger batches are planned at each run for their size (with every
+    /// completion on the generic plan, W1's drain measured 7,905 jobs/s
+    /// against 21,410 to 22,926 for the builds before and after in the same
+    /// slow hour: a 512-task completion is 262,144 pairs).
     pub async fn finish_succeeded_many(&self, done: &[(Uuid, i32, &Value)]) -> Result<Vec<Uuid>> {
         /// The most written with the generic plan: 64 pairs.
         const PLANNED_ONCE_UP_TO: usize = 8;
