@@ -44,8 +44,9 @@ struct Fresh {
     live: bool,
     /// When each was noted, and its tenant.
     tasks: HashMap<Uuid, (std::time::Instant, String)>,
-    /// Insertion order, to forget the old ones.
-    order: std::collections::VecDeque<(std::time::Instant, Uuid)>,
+    /// Ids in the order noted, to forget the old ones (ids already gone
+    /// from `tasks` are dropped as they come to the front).
+    order: std::collections::VecDeque<Uuid>,
 }
 
 /// How long a submitted task is remembered: a client that waits later
@@ -55,8 +56,8 @@ struct Fresh {
 /// before the finish whatever this module does).
 const FRESH_FOR: Duration = Duration::from_secs(2);
 
-/// At most this many remembered (about 2 MB); past it a submission is
-/// simply not remembered, and its waiter reads.
+/// At most this many remembered (each an id, a time and the tenant's
+/// name); past it the oldest is forgotten, and its waiter reads.
 const FRESH_MAX: usize = 16_384;
 
 /// What the waiters of one id share.
@@ -118,8 +119,12 @@ impl Waiters {
     pub fn submitting(&self, id: Uuid, tenant: &str) {
         let mut fresh = self.fresh.lock().expect("lock");
         let now = std::time::Instant::now();
-        while let Some(&(at, old)) = fresh.order.front() {
-            if now.duration_since(at) < FRESH_FOR && fresh.order.len() < FRESH_MAX {
+        while let Some(&old) = fresh.order.front() {
+            let young = fresh
+                .tasks
+                .get(&old)
+                .is_some_and(|(at, _)| now.duration_since(*at) < FRESH_FOR);
+            if young && fresh.order.len() < FRESH_MAX {
                 break;
             }
             fresh.order.pop_front();
@@ -127,7 +132,7 @@ impl Waiters {
         }
         if fresh.live {
             fresh.tasks.insert(id, (now, tenant.to_owned()));
-            fresh.order.push_back((now, id));
+            fresh.order.push_back(id);
         }
     }
 

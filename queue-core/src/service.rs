@@ -32,7 +32,7 @@ pub struct Service {
 /// one query, up to this many, with at most [`READS_IN_FLIGHT`] queries at
 /// once. Nothing waits for company: an idle reader reads at once.
 const READ_MAX: usize = 512;
-const READS_IN_FLIGHT: usize = crate::store::READ_CONNECTIONS as usize;
+const READS_IN_FLIGHT: usize = crate::store::PLANNED_ONCE_CONNECTIONS as usize;
 
 type TaskWithHistory = (TaskRecord, Vec<AttemptRecord>);
 
@@ -122,14 +122,9 @@ impl Service {
         self.submit_for(DEFAULT_TENANT, task).await
     }
 
+    /// A group of one, written by the caller.
     async fn submit_alone(&self, id: Uuid, tenant: &str, task: &NewTask) -> Result<Accepted> {
-        let row = Row { id, tenant, task };
-        match insert_and_push(&self.store, &self.queue, None, vec![row], None).await? {
-            Submission::New(a) => Ok(a),
-            Submission::Replay(_) | Submission::KeyReused => {
-                unreachable!("no key, no replay")
-            }
-        }
+        commit_group(&self.store, &self.queue, vec![Row { id, tenant, task }]).await
     }
 
     /// [`Service::submit`] under an optional idempotency key.

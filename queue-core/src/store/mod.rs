@@ -33,12 +33,13 @@ pub struct Store {
     pool: PgPool,
     /// Statements by id with one generic plan each: the API's reads (its
     /// shared reader; see [`Store::tasks_with_history`]) and the worker's
-    /// small completions, on connections of their own that plan each statement once
-    /// and never plan a sequential scan (see [`Store::new`]).
+    /// small completions, on connections of their own that plan each
+    /// statement once and never plan a sequential scan (see
+    /// [`Store::new`]).
     planned_once: PgPool,
     /// The other writes of tasks by id: claims, outcomes, lease renewals,
-    /// progress and the API's cancels, on connections of their own that plan each statement
-    /// for its ids and the table as it is.
+    /// progress and the API's cancels, on connections of their own that
+    /// plan each statement for its ids and the table as it is.
     by_id: PgPool,
 }
 
@@ -70,7 +71,7 @@ fn pool_options(max: u32) -> PgPoolOptions {
 /// most this many queries in flight (a process that is API and worker at
 /// once, as one test is, shares them with the completer); a worker's
 /// completer uses one at a time.
-pub const READ_CONNECTIONS: u32 = 4;
+pub const PLANNED_ONCE_CONNECTIONS: u32 = 4;
 
 /// Connections of [`Store::by_id`]: a worker's two fetchers, its completer
 /// and its heartbeat each use one at a time, with room for attempts that
@@ -104,9 +105,9 @@ impl Store {
             ("enable_seqscan", "off"),
             ("plan_cache_mode", "force_generic_plan"),
         ]);
-        let planned_once = pool_options(READ_CONNECTIONS).connect_lazy_with(options);
-        // The other writes by id reach `tasks` by their ids, and a plan made once
-        // while the table was small (or analyzed small) stays a scan of a
+        let planned_once = pool_options(PLANNED_ONCE_CONNECTIONS).connect_lazy_with(options);
+        // The other writes by id reach `tasks` by their ids, and a plan made
+        // once while the table was small (or analyzed small) stays a scan of a
         // whole index joined to the ids, each run costing more as the table
         // grows: a partial index above all, which keeps an entry for every
         // row version that ever matched until a vacuum (103 million entries
