@@ -3,11 +3,13 @@
 
 mod audit;
 mod batches;
+mod held;
 mod keys;
 mod limits;
 mod sweep;
 mod tasks;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
@@ -41,6 +43,25 @@ pub struct Store {
     /// progress and the API's cancels, on connections of their own that
     /// plan each statement for its ids and the table as it is.
     by_id: PgPool,
+    /// Claims: planned like `by_id`, committed without waiting for the WAL
+    /// flush (see [`Store::claim`]).
+    claims: PgPool,
+    /// Connections kept between statements by the loops that run one at a
+    /// time (see [`held`]).
+    held: Arc<Kept>,
+}
+
+/// Slots of kept connections, one set per pool its statements run on.
+#[derive(Debug)]
+struct Kept {
+    /// The API's group-commit writer.
+    inserts: held::Held,
+    /// A worker's two fetchers.
+    claims: held::Held,
+    /// A worker's completer, small batches.
+    planned_once: held::Held,
+    /// A worker's completer, large batches and retries.
+    by_id: held::Held,
 }
 
 /// How long a query waits for a free connection: short, so a request
@@ -77,6 +98,10 @@ pub const PLANNED_ONCE_CONNECTIONS: u32 = 4;
 /// and its heartbeat each use one at a time, with room for attempts that
 /// end one by one (failed, released).
 const BY_ID_CONNECTIONS: u32 = 6;
+
+/// Connections of [`Store::claims`]: a worker's two fetchers, each keeping
+/// one, and room for more workers sharing a store (tests do).
+const CLAIM_CONNECTIONS: u32 = 4;
 
 impl Store {
     /// Over `pool`; the reads and writes by id open their own connections
@@ -118,11 +143,29 @@ impl Store {
         let options = (*pool.connect_options())
             .clone()
             .options([("plan_cache_mode", "force_custom_plan")]);
-        let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options);
+        let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options.clone());
+        let claims = pool_options(CLAIM_CONNECTIONS)
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        // A slot keeps its connection out of the pool: the pool keeps at
+        // least one for everything else.
+        let slots = |pool: &PgPool, n: usize| {
+            held::Held::new(
+                pool.clone(),
+                n.min(pool.options().get_max_connections().saturating_sub(1) as usize),
+            )
+        };
+        let held = Arc::new(Kept {
+            inserts: slots(&pool, 1),
+            claims: slots(&claims, 2),
+            planned_once: slots(&planned_once, 1),
+            by_id: slots(&by_id, 1),
+        });
         Store {
             pool,
             planned_once,
             by_id,
+            claims,
+            held,
         }
     }
 
@@ -174,6 +217,15 @@ impl Store {
 
     /// Closes every connection, waiting for those in use to come back.
     pub async fn close(&self) {
+        for kept in [
+            &self.held.inserts,
+            &self.held.claims,
+            &self.held.planned_once,
+            &self.held.by_id,
+        ] {
+            kept.close().await;
+        }
+        self.claims.close().await;
         self.planned_once.close().await;
         self.by_id.close().await;
         self.pool.close().await;
@@ -227,5 +279,30 @@ mod tests {
             .await
             .expect("the idle connection was pinged and replaced");
         assert_ne!(next, first);
+    }
+
+    /// Submissions and outcomes are on disk when they are answered; only
+    /// a claim, which a crash of PostgreSQL can lose without losing the
+    /// task (see [`Store::claim`]), skips waiting for the flush.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn only_claims_commit_without_waiting_for_the_flush(pool: PgPool) {
+        let store = Store::new(pool);
+        for (name, kept, expected) in [
+            ("inserts", &store.held.inserts, "on"),
+            ("claims", &store.held.claims, "off"),
+            ("small completions", &store.held.planned_once, "on"),
+            ("other outcomes", &store.held.by_id, "on"),
+        ] {
+            let mut conn = kept.acquire().await.unwrap();
+            let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(setting, expected, "{name}");
+            conn.keep();
+        }
+        tokio::time::timeout(Duration::from_secs(10), store.close())
+            .await
+            .expect("closing does not wait for kept connections forever");
     }
 }

@@ -354,7 +354,10 @@ impl Store {
         // A group commit of single submissions (no key, no batch) is one
         // statement, committed on its own: one round trip, not four.
         if key.is_none() && batch.is_none() && rows.len() <= INSERT_CHUNK.min(COPY_MIN_ROWS - 1) {
-            return Ok(Inserted::New(insert_chunk(&self.pool, None, rows).await?));
+            let mut conn = self.held.inserts.acquire().await?;
+            let created_at = insert_chunk(&mut *conn, None, rows).await?;
+            conn.keep();
+            return Ok(Inserted::New(created_at));
         }
         let mut tx = self.pool.begin().await?;
         let created_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
@@ -440,10 +443,19 @@ impl Store {
     /// claimed, cancelled or finished are skipped, which is what makes a
     /// duplicate id in Redis harmless. A scheduled task is claimable once it
     /// is due (with a second of grace for clock skew between hosts).
+    ///
+    /// Committed without waiting for the WAL flush (the `claims`
+    /// connections' `synchronous_commit = off`): a claim lost in a crash of
+    /// PostgreSQL itself leaves the task queued, and the reconciler
+    /// dispatches it again, as after a worker's crash; the attempt's
+    /// outcome is committed synchronously, which flushes the claim before
+    /// it. At W2's 500/s it was a third of the commits (A/B in
+    /// BENCHMARKS.md).
     pub async fn claim(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<ClaimedTask>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let mut conn = self.held.claims.acquire().await?;
         let rows = sqlx::query_as::<_, ClaimedTask>(
             "WITH claimed AS (
                 UPDATE tasks
@@ -459,8 +471,9 @@ impl Store {
         )
         .bind(ids)
         .bind(lease.as_secs_f64())
-        .fetch_all(&self.by_id)
+        .fetch_all(&mut *conn)
         .await?;
+        conn.keep();
         Ok(rows)
     }
 
@@ -641,7 +654,8 @@ impl Store {
         let attempts: Vec<i32> = retries.iter().map(|r| r.1).collect();
         let errors: Vec<&str> = retries.iter().map(|r| r.2).collect();
         let run_at: Vec<DateTime<Utc>> = retries.iter().map(|r| r.3).collect();
-        Ok(sqlx::query_as(
+        let mut conn = self.held.by_id.acquire().await?;
+        let rows = sqlx::query_as(
             "WITH u AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[])
                            AS u(id, attempt, error, run_at)
@@ -664,8 +678,10 @@ impl Store {
         .bind(&attempts)
         .bind(&errors)
         .bind(&run_at)
-        .fetch_all(&self.by_id)
-        .await?)
+        .fetch_all(&mut *conn)
+        .await?;
+        conn.keep();
+        Ok(rows)
     }
 
     /// Records many successful attempts in one statement (the worker's
@@ -691,7 +707,12 @@ impl Store {
         let ids: Vec<Uuid> = done.iter().map(|d| d.0).collect();
         let attempts: Vec<i32> = done.iter().map(|d| d.1).collect();
         let results: Vec<&Value> = done.iter().map(|d| d.2).collect();
-        Ok(sqlx::query_scalar(
+        let mut conn = if done.len() <= PLANNED_ONCE_UP_TO {
+            self.held.planned_once.acquire().await?
+        } else {
+            self.held.by_id.acquire().await?
+        };
+        let ids = sqlx::query_scalar(
             "WITH u AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, result)
              ), t AS (
@@ -706,12 +727,10 @@ impl Store {
         .bind(&ids)
         .bind(&attempts)
         .bind(&results)
-        .fetch_all(if done.len() <= PLANNED_ONCE_UP_TO {
-            &self.planned_once
-        } else {
-            &self.by_id
-        })
-        .await?)
+        .fetch_all(&mut *conn)
+        .await?;
+        conn.keep();
+        Ok(ids)
     }
 
     /// Re-drives dead letters matching `filter` (at most `limit` per call):

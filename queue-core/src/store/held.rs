@@ -1,0 +1,231 @@
+//! Connections that a loop running one statement at a time keeps between
+//! its statements.
+//!
+//! sqlx's pool pings every connection handed back to it (0.9's
+//! `return_to_pool`; no option turns it off): a second round trip after
+//! every statement, which wakes PostgreSQL and the caller once more each
+//! time. The API's group-commit writer, the worker's fetchers and its
+//! completer each keep a connection of their pool in a slot here instead,
+//! and give it back only when a statement failed or was dropped midway
+//! (the pool's ping then closes it if it broke). A kept connection that
+//! idled for [`crate::IDLE_CHECK`] is pinged before use, as the pool pings
+//! its own. When every slot is taken, the statement runs on a pooled
+//! connection as before.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::Instant;
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Connection as _, Postgres};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::error::Result;
+
+/// Slots for kept connections of one pool.
+pub(crate) struct Held {
+    pool: PgPool,
+    slots: Box<[Arc<Mutex<Option<Kept>>>]>,
+}
+
+struct Kept {
+    conn: PoolConnection<Postgres>,
+    used: Instant,
+}
+
+/// A connection for one statement (or transaction): a kept one, or a
+/// pooled one when every slot was taken.
+pub(crate) struct Conn {
+    conn: Option<PoolConnection<Postgres>>,
+    /// The slot it goes back to on [`Conn::keep`]; it holds nothing
+    /// meanwhile, so a connection given up stays given up.
+    slot: Option<OwnedMutexGuard<Option<Kept>>>,
+}
+
+impl Held {
+    pub(crate) fn new(pool: PgPool, slots: usize) -> Held {
+        Held {
+            pool,
+            slots: (0..slots).map(|_| Arc::default()).collect(),
+        }
+    }
+
+    /// A free slot's connection (taken from the pool if it has none yet),
+    /// else a pooled one.
+    pub(crate) async fn acquire(&self) -> Result<Conn> {
+        for slot in self.slots.iter() {
+            let Ok(mut slot) = slot.clone().try_lock_owned() else {
+                continue;
+            };
+            let conn = match slot.take() {
+                Some(kept) if kept.used.elapsed() < crate::IDLE_CHECK => kept.conn,
+                // PostgreSQL may have restarted while it idled.
+                Some(mut kept) => match kept.conn.ping().await {
+                    Ok(()) => kept.conn,
+                    Err(_) => {
+                        kept.conn.close_on_drop();
+                        drop(kept);
+                        self.pool.acquire().await?
+                    }
+                },
+                None => self.pool.acquire().await?,
+            };
+            return Ok(Conn {
+                conn: Some(conn),
+                slot: Some(slot),
+            });
+        }
+        Ok(Conn {
+            conn: Some(self.pool.acquire().await?),
+            slot: None,
+        })
+    }
+
+    /// Closes the kept connections, waiting for those in use: the pool's
+    /// `close` would otherwise wait for them forever.
+    pub(crate) async fn close(&self) {
+        for slot in self.slots.iter() {
+            if let Some(kept) = slot.lock().await.take() {
+                let _ = kept.conn.close().await;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("slots", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// The statement went through: the connection goes back to its slot
+    /// (a pooled one, to the pool). Not calling this gives it back to the
+    /// pool, which pings it and closes it if it broke.
+    pub(crate) fn keep(mut self) {
+        if let (Some(conn), Some(mut slot)) = (self.conn.take(), self.slot.take()) {
+            *slot = Some(Kept {
+                conn,
+                used: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Deref for Conn {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("held until dropped or kept")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("held until dropped or kept")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testkit::wait_for;
+
+    fn pid(conn: &mut PgConnection) -> impl Future<Output = sqlx::Result<i32>> + '_ {
+        sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(conn)
+    }
+
+    async fn pool(other: &PgPool, max: u32) -> PgPool {
+        super::super::pool_options(max)
+            .connect_with((*other.connect_options()).clone())
+            .await
+            .unwrap()
+    }
+
+    /// The point of a slot: the connection never goes back to the pool
+    /// between statements (where sqlx would ping it), and the next
+    /// statement runs on it.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_kept_connection_serves_the_next_statement_without_going_back(other: PgPool) {
+        let pool = pool(&other, 2).await;
+        let held = Held::new(pool.clone(), 1);
+        let mut conn = held.acquire().await.unwrap();
+        let first = pid(&mut conn).await.unwrap();
+        conn.keep();
+        // Given back, it would be idle in the pool once sqlx's ping (a
+        // round trip) was answered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(pool.try_acquire().is_none(), "kept out of the pool");
+        let mut conn = held.acquire().await.unwrap();
+        assert_eq!(pid(&mut conn).await.unwrap(), first);
+        conn.keep();
+        held.close().await;
+        tokio::time::timeout(Duration::from_secs(5), pool.close())
+            .await
+            .expect("nothing left checked out once the slots are closed");
+    }
+
+    /// PostgreSQL restarted (here: the backend terminated) while the kept
+    /// connection idled: the next statement still works, on a new one.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_kept_connection_that_broke_while_idle_is_replaced_before_use(other: PgPool) {
+        let held = Held::new(pool(&other, 2).await, 1);
+        let mut conn = held.acquire().await.unwrap();
+        let first = pid(&mut conn).await.unwrap();
+        conn.keep();
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(first)
+            .fetch_one(&other)
+            .await
+            .unwrap();
+        assert!(killed);
+        tokio::time::sleep(crate::IDLE_CHECK + Duration::from_millis(100)).await;
+        let mut conn = held.acquire().await.unwrap();
+        let next = pid(&mut conn)
+            .await
+            .expect("the idle connection was pinged and replaced");
+        assert_ne!(next, first);
+    }
+
+    /// A statement that failed (or was dropped midway) may leave its
+    /// connection broken or mid-protocol: it goes back to the pool, whose
+    /// check on return decides, and is not used from the slot again.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_connection_not_kept_goes_back_to_the_pool(other: PgPool) {
+        let pool = pool(&other, 2).await;
+        let held = Held::new(pool.clone(), 1);
+        let mut conn = held.acquire().await.unwrap();
+        let err = sqlx::query("SELECT 1/0").execute(&mut *conn).await;
+        assert!(err.is_err());
+        drop(conn);
+        wait_for(
+            "the connection back in the pool",
+            Duration::from_secs(5),
+            || async { (pool.num_idle() == 1).then_some(()) },
+        )
+        .await;
+        let mut conn = held.acquire().await.unwrap();
+        pid(&mut conn).await.expect("a working connection");
+    }
+
+    /// Every slot taken: the statement runs on a pooled connection rather
+    /// than waiting for a slot.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn with_every_slot_taken_a_pooled_connection_serves(other: PgPool) {
+        let held = Held::new(pool(&other, 2).await, 1);
+        let mut kept = held.acquire().await.unwrap();
+        let mut pooled = tokio::time::timeout(Duration::from_secs(2), held.acquire())
+            .await
+            .expect("not waiting for the slot")
+            .unwrap();
+        assert_ne!(
+            pid(&mut kept).await.unwrap(),
+            pid(&mut pooled).await.unwrap()
+        );
+    }
+}
