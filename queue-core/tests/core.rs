@@ -89,6 +89,46 @@ async fn scheduled_ids_wait_for_their_time(pool: PgPool) {
     svc.queue.purge().await.unwrap();
 }
 
+/// A pop that finds fewer ids than it asked for tells when the soonest
+/// retry falls due, which an idle worker sleeps until; a full one does
+/// not (the worker pops again at once).
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_short_pop_tells_when_the_next_retry_is_due(pool: PgPool) {
+    let svc = testkit::service(pool);
+    let none = svc.queue.pop_or_due("m", 10, 1_000).await.unwrap();
+    assert_eq!(none, queue_core::queue::Pop::default());
+    for (due, priority) in [(20_000, Priority::Low), (10_000, Priority::High)] {
+        svc.queue
+            .schedule("m", Uuid::now_v7(), priority, due)
+            .await
+            .unwrap();
+    }
+    let ready = Uuid::now_v7();
+    svc.queue
+        .push_ready(&[ReadyEntry {
+            queue: "m",
+            id: ready,
+            priority: Priority::Normal,
+            order_ms: 5_000,
+        }])
+        .await
+        .unwrap();
+    let short = svc.queue.pop_or_due("m", 10, 5_000).await.unwrap();
+    assert_eq!(
+        short.popped.iter().map(|p| p.id).collect::<Vec<_>>(),
+        vec![ready]
+    );
+    assert_eq!(short.next_due_ms, Some(10_000));
+    let empty = svc.queue.pop_or_due("m", 1, 5_000).await.unwrap();
+    assert!(empty.popped.is_empty());
+    assert_eq!(empty.next_due_ms, Some(10_000));
+    // Full: the first retry, now due, moved to ready and taken.
+    let full = svc.queue.pop_or_due("m", 1, 10_000).await.unwrap();
+    assert_eq!(full.popped.len(), 1);
+    assert_eq!(full.next_due_ms, None);
+    svc.queue.purge().await.unwrap();
+}
+
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn a_duplicate_id_is_claimed_once(pool: PgPool) {
     let svc = testkit::service(pool);

@@ -127,9 +127,6 @@ async fn announce(queue: &Queue, batch: &[Done], held: &HashMap<Uuid, TaskStatus
             Ended::Succeeded { .. } => None,
         })
         .collect();
-    if let Err(e) = queue.schedule_many(&scheduled).await {
-        tracing::warn!(error = %e, "could not schedule retries; the reconciler will");
-    }
     let finished: Vec<Finished> = written()
         .filter(|(_, s)| s.is_terminal())
         .map(|(d, _)| Finished {
@@ -137,9 +134,6 @@ async fn announce(queue: &Queue, batch: &[Done], held: &HashMap<Uuid, TaskStatus
             batch: d.batch_id,
         })
         .collect();
-    if let Err(e) = queue.publish_finished(&finished).await {
-        tracing::debug!(error = %e, "could not announce completions");
-    }
     let mut per_queue: Vec<(&str, Outcome, u64)> = Vec::new();
     for (d, status) in written() {
         let outcome = match status {
@@ -155,7 +149,12 @@ async fn announce(queue: &Queue, batch: &[Done], held: &HashMap<Uuid, TaskStatus
             None => per_queue.push((&d.queue, outcome, 1)),
         }
     }
-    if let Err(e) = queue.count_finished(&per_queue).await {
-        tracing::debug!(error = %e, "throughput not counted");
+    // One round trip for the three (there were three, one per kind, each
+    // a wake-up of Redis and of this process).
+    if let Err(e) = queue
+        .after_outcomes(&scheduled, &finished, &per_queue)
+        .await
+    {
+        tracing::warn!(error = %e, "could not schedule retries or announce completions; the reconciler will schedule them, waiters read when their wait ends");
     }
 }

@@ -528,6 +528,10 @@ struct Fetcher {
     /// was (stale ids included), so new work can only come with an
     /// announcement, and the loop waits for one instead of popping again.
     more: bool,
+    /// The last fetch popped every queue it serves (not held back), so
+    /// `next_due_ms` is the soonest retry among them.
+    due_known: bool,
+    next_due_ms: Option<i64>,
 }
 
 impl Fetcher {
@@ -543,6 +547,8 @@ impl Fetcher {
             errors: 0,
             held_back: false,
             more: false,
+            due_known: false,
+            next_due_ms: None,
         }
     }
 
@@ -554,13 +560,18 @@ impl Fetcher {
         if self.held_back {
             return BREAKER_RECHECK.min(longest);
         }
-        let Ok(mut queues) = self.queues(inner).await else {
-            return longest;
+        let due = if self.due_known {
+            Ok(self.next_due_ms)
+        } else {
+            let Ok(mut queues) = self.queues(inner).await else {
+                return longest;
+            };
+            // Only queues this worker can run: another model's overdue
+            // retry must not keep it awake.
+            queues.retain(|q| inner.router.resolve(q).is_some());
+            inner.queue.next_due_ms(&queues).await
         };
-        // Only queues this worker can run: another model's overdue retry
-        // must not keep it awake.
-        queues.retain(|q| inner.router.resolve(q).is_some());
-        match inner.queue.next_due_ms(&queues).await {
+        match due {
             Ok(Some(due_ms)) => {
                 let until = (due_ms - chrono::Utc::now().timestamp_millis()).max(1) as u64;
                 Duration::from_millis(until).min(longest)
@@ -611,7 +622,12 @@ impl Fetcher {
     ) -> queue_core::Result<()> {
         self.held_back = false;
         self.more = false;
+        // Known once every queue it can run has been popped (a pop that
+        // came back short says when its soonest retry falls due).
+        self.due_known = false;
+        self.next_due_ms = None;
         let queues = self.queues(inner).await?;
+        let mut popped_all = true;
         if queues.is_empty() {
             return Ok(());
         }
@@ -620,6 +636,7 @@ impl Fetcher {
         // within a queue the ready set gives strict priority.
         for i in 0..queues.len() {
             if permits.is_empty() {
+                popped_all = false;
                 break;
             }
             let name = &queues[(self.next + i) % queues.len()];
@@ -647,9 +664,14 @@ impl Fetcher {
                 let mut next = inner.pop_turns.lock().await;
                 let ticket = *next;
                 *next += 1;
-                (ticket, inner.queue.pop(name, want, now_ms).await)
+                (ticket, inner.queue.pop_or_due(name, want, now_ms).await)
             };
-            let claimed = claim_popped(inner, name, popped).await;
+            if let Ok(pop) = &popped
+                && let Some(due) = pop.next_due_ms
+            {
+                self.next_due_ms = Some(self.next_due_ms.map_or(due, |d| d.min(due)));
+            }
+            let claimed = claim_popped(inner, name, popped.map(|p| p.popped)).await;
             inner.wait_turn(ticket).await;
             let claimed = match claimed {
                 Ok(c) => c,
@@ -704,6 +726,7 @@ impl Fetcher {
             inner.end_turn(ticket);
         }
         self.next = self.next.wrapping_add(1);
+        self.due_known = popped_all;
         Ok(())
     }
 }
@@ -1141,20 +1164,19 @@ async fn record_alone(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 .await
         }
         Finish::Failed { .. } => {
-            // Wakes long-polling clients at once.
-            let announced = inner
+            // Wakes long-polling clients at once, and counts the failure for
+            // the queue's throughput.
+            inner
                 .queue
-                .publish_finished(&[Finished {
-                    task: task.id,
-                    batch: task.batch_id,
-                }])
-                .await;
-            // Counted for the queue's throughput; not worth a warning.
-            let counted = [(task.model.as_str(), Outcome::Failed, 1)];
-            if let Err(e) = inner.queue.count_finished(&counted).await {
-                tracing::debug!(error = %e, "throughput not counted");
-            }
-            announced
+                .after_outcomes(
+                    &[],
+                    &[Finished {
+                        task: task.id,
+                        batch: task.batch_id,
+                    }],
+                    &[(task.model.as_str(), Outcome::Failed, 1)],
+                )
+                .await
         }
     };
     if let Err(e) = dispatch {

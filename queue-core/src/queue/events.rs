@@ -74,8 +74,15 @@ impl Queue {
         if finished.is_empty() {
             return Ok(());
         }
-        let channel = self.events_channel();
         let mut pipe = redis::pipe();
+        self.publish_finished_into(&mut pipe, finished);
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    pub(super) fn publish_finished_into(&self, pipe: &mut redis::Pipeline, finished: &[Finished]) {
+        let channel = self.events_channel();
         for chunk in finished.chunks(EVENTS_PER_MESSAGE) {
             // 36 bytes per id, a space, a newline.
             let mut payload = String::with_capacity(chunk.len() * 74);
@@ -91,9 +98,6 @@ impl Queue {
             }
             pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
         }
-        let mut conn = self.conn().await?;
-        let () = pipe.query_async(&mut conn).await?;
-        Ok(())
     }
 
     /// Subscribes and calls `on_event` for every event until the

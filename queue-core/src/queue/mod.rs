@@ -42,7 +42,9 @@ const PROMOTE_LIMIT: usize = 1_000;
 /// Pairs per ZADD when pushing big batches.
 const PUSH_CHUNK: usize = 1_000;
 
-/// Moves due scheduled ids to ready, then pops up to N ready ids.
+/// Moves due scheduled ids to ready, then pops up to N ready ids; when
+/// fewer were there, adds `''` and the soonest scheduled task's due time,
+/// which an idle worker sleeps until (one round trip, not two).
 static POP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -52,10 +54,27 @@ for _, member in ipairs(due) do
   redis.call('ZADD', KEYS[1], string.sub(member, 1, sep - 1), string.sub(member, sep + 1))
   redis.call('ZREM', KEYS[2], member)
 end
-return redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[2]))
+local popped = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[2]))
+if #popped < 2 * tonumber(ARGV[2]) then
+  local soonest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if soonest[2] then
+    table.insert(popped, '')
+    table.insert(popped, soonest[2])
+  end
+end
+return popped
 ",
     )
 });
+
+/// What a pop took.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pop {
+    pub popped: Vec<Popped>,
+    /// When fewer ids than asked for were ready: when the queue's soonest
+    /// scheduled task falls due (ms), `None` if it has none.
+    pub next_due_ms: Option<i64>,
+}
 
 /// One id to make ready.
 #[derive(Debug, Clone)]
@@ -316,6 +335,37 @@ impl Queue {
             return Ok(());
         }
         let mut pipe = redis::pipe();
+        self.schedule_into(&mut pipe, entries);
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// What a worker tells Redis once outcomes are committed, in one round
+    /// trip: the retries scheduled ([`Queue::schedule_many`]), the finished
+    /// tasks announced ([`Queue::publish_finished`]) and counted
+    /// ([`Queue::count_finished`]).
+    pub async fn after_outcomes(
+        &self,
+        scheduled: &[ScheduledEntry<'_>],
+        finished: &[events::Finished],
+        counts: &[(&str, stats::Outcome, u64)],
+    ) -> Result<()> {
+        if scheduled.is_empty() && finished.is_empty() && counts.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        if !scheduled.is_empty() {
+            self.schedule_into(&mut pipe, scheduled);
+        }
+        self.publish_finished_into(&mut pipe, finished);
+        self.count_finished_into(&mut pipe, counts);
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    fn schedule_into(&self, pipe: &mut redis::Pipeline, entries: &[ScheduledEntry<'_>]) {
         let mut queues: Vec<&str> = Vec::new();
         for e in entries {
             pipe.cmd("ZADD")
@@ -331,15 +381,18 @@ impl Queue {
             .arg(self.queues_key())
             .arg(&queues)
             .ignore();
-        self.announce(&mut pipe, &queues);
-        let mut conn = self.conn().await?;
-        let () = pipe.query_async(&mut conn).await?;
-        Ok(())
+        self.announce(pipe, &queues);
     }
 
     /// Takes up to `count` ready ids of `queue`, highest priority first,
     /// after moving due scheduled tasks to ready.
     pub async fn pop(&self, queue: &str, count: usize, now_ms: i64) -> Result<Vec<Popped>> {
+        Ok(self.pop_or_due(queue, count, now_ms).await?.popped)
+    }
+
+    /// [`Queue::pop`], and when it came back short, when the queue's next
+    /// scheduled task falls due.
+    pub async fn pop_or_due(&self, queue: &str, count: usize, now_ms: i64) -> Result<Pop> {
         let mut conn = self.conn().await?;
         let popped: Vec<(String, f64)> = POP
             .key(self.ready_key(queue))
@@ -349,16 +402,18 @@ impl Queue {
             .arg(PROMOTE_LIMIT)
             .invoke_async(&mut conn)
             .await?;
-        // A member that is not a UUID was not written by us; skip it.
-        Ok(popped
-            .into_iter()
-            .filter_map(|(id, score)| {
-                Some(Popped {
-                    id: Uuid::parse_str(&id).ok()?,
-                    score,
-                })
-            })
-            .collect())
+        let mut pop = Pop::default();
+        for (id, score) in popped {
+            if id.is_empty() {
+                pop.next_due_ms = Some(score as i64);
+                continue;
+            }
+            // A member that is not a UUID was not written by us; skip it.
+            if let Ok(id) = Uuid::parse_str(&id) {
+                pop.popped.push(Popped { id, score });
+            }
+        }
+        Ok(pop)
     }
 
     /// Puts popped ids back where they were (a claim that failed).

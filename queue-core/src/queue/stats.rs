@@ -50,8 +50,19 @@ impl Queue {
         if counts.is_empty() {
             return Ok(());
         }
-        let bucket = chrono::Utc::now().timestamp() / BUCKET_SECS;
         let mut pipe = redis::pipe();
+        self.count_finished_into(&mut pipe, counts);
+        let mut conn = self.conn().await?;
+        let () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    pub(super) fn count_finished_into(
+        &self,
+        pipe: &mut redis::Pipeline,
+        counts: &[(&str, Outcome, u64)],
+    ) {
+        let bucket = chrono::Utc::now().timestamp() / BUCKET_SECS;
         for (queue, outcome, n) in counts {
             let key = self.finished_key(queue, *outcome, bucket);
             pipe.cmd("INCRBY").arg(&key).arg(*n).ignore();
@@ -60,9 +71,6 @@ impl Queue {
                 .arg((WINDOW_BUCKETS + 2) * BUCKET_SECS)
                 .ignore();
         }
-        let mut conn = self.conn().await?;
-        let () = pipe.query_async(&mut conn).await?;
-        Ok(())
     }
 
     pub async fn finished_last_minute(&self, queue: &str) -> Result<LastMinute> {
