@@ -531,6 +531,8 @@ struct Fetcher {
     /// The last fetch popped every queue it serves (not held back), so
     /// `next_due_ms` is the soonest retry among them.
     due_known: bool,
+    /// When the soonest retry of the queues popped in the last fetch falls
+    /// due (ms), as their short pops told; `None`: none scheduled.
     next_due_ms: Option<i64>,
 }
 
@@ -1179,7 +1181,10 @@ async fn record_alone(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 .await
         }
     };
+    // A released task's id is back in Redis or, failing that, the
+    // reconciler's to restore; a failed one's waiters read it when their
+    // wait ends, and its count is lost.
     if let Err(e) = dispatch {
-        tracing::warn!(error = %e, "could not dispatch the task again; the reconciler will");
+        tracing::warn!(error = %e, "could not tell Redis how the attempt ended");
     }
 }

@@ -81,6 +81,7 @@ impl Queue {
         Ok(())
     }
 
+    /// Adds [`Queue::publish_finished`]'s messages to `pipe`.
     pub(super) fn publish_finished_into(&self, pipe: &mut redis::Pipeline, finished: &[Finished]) {
         let channel = self.events_channel();
         for chunk in finished.chunks(EVENTS_PER_MESSAGE) {

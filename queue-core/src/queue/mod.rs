@@ -365,6 +365,7 @@ impl Queue {
         Ok(())
     }
 
+    /// Adds [`Queue::schedule_many`]'s commands to `pipe`.
     fn schedule_into(&self, pipe: &mut redis::Pipeline, entries: &[ScheduledEntry<'_>]) {
         let mut queues: Vec<&str> = Vec::new();
         for e in entries {

@@ -57,6 +57,7 @@ impl Queue {
         Ok(())
     }
 
+    /// Adds [`Queue::count_finished`]'s commands to `pipe`.
     pub(super) fn count_finished_into(
         &self,
         pipe: &mut redis::Pipeline,

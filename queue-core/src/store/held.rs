@@ -9,7 +9,8 @@
 //! and give it back only when a statement failed or was dropped midway
 //! (the pool's ping then closes it if it broke). A kept connection that
 //! idled for [`crate::IDLE_CHECK`] is pinged before use, as the pool pings
-//! its own. When every slot is taken, the statement runs on a pooled
+//! its own, and one past the pool's maximum lifetime goes back to it to be
+//! closed. When every slot is taken, the statement runs on a pooled
 //! connection as before.
 
 use std::ops::{Deref, DerefMut};
@@ -31,6 +32,8 @@ pub(crate) struct Held {
 
 struct Kept {
     conn: PoolConnection<Postgres>,
+    /// When it was taken from the pool (at most its age).
+    taken: Instant,
     used: Instant,
 }
 
@@ -41,6 +44,7 @@ pub(crate) struct Conn {
     /// The slot it goes back to on [`Conn::keep`]; it holds nothing
     /// meanwhile, so a connection given up stays given up.
     slot: Option<OwnedMutexGuard<Option<Kept>>>,
+    taken: Instant,
 }
 
 impl Held {
@@ -58,27 +62,35 @@ impl Held {
             let Ok(mut slot) = slot.clone().try_lock_owned() else {
                 continue;
             };
-            let conn = match slot.take() {
-                Some(kept) if kept.used.elapsed() < crate::IDLE_CHECK => kept.conn,
+            let lifetime = self.pool.options().get_max_lifetime();
+            let (conn, taken) = match slot.take() {
+                // Given back, the pool closes it.
+                Some(kept) if lifetime.is_some_and(|l| kept.taken.elapsed() >= l) => {
+                    drop(kept);
+                    (self.pool.acquire().await?, Instant::now())
+                }
+                Some(kept) if kept.used.elapsed() < crate::IDLE_CHECK => (kept.conn, kept.taken),
                 // PostgreSQL may have restarted while it idled.
                 Some(mut kept) => match kept.conn.ping().await {
-                    Ok(()) => kept.conn,
+                    Ok(()) => (kept.conn, kept.taken),
                     Err(_) => {
                         kept.conn.close_on_drop();
                         drop(kept);
-                        self.pool.acquire().await?
+                        (self.pool.acquire().await?, Instant::now())
                     }
                 },
-                None => self.pool.acquire().await?,
+                None => (self.pool.acquire().await?, Instant::now()),
             };
             return Ok(Conn {
                 conn: Some(conn),
                 slot: Some(slot),
+                taken,
             });
         }
         Ok(Conn {
             conn: Some(self.pool.acquire().await?),
             slot: None,
+            taken: Instant::now(),
         })
     }
 
@@ -109,6 +121,7 @@ impl Conn {
         if let (Some(conn), Some(mut slot)) = (self.conn.take(), self.slot.take()) {
             *slot = Some(Kept {
                 conn,
+                taken: self.taken,
                 used: Instant::now(),
             });
         }
@@ -211,6 +224,55 @@ mod tests {
         .await;
         let mut conn = held.acquire().await.unwrap();
         pid(&mut conn).await.expect("a working connection");
+    }
+
+    /// A statement dropped midway (its caller timed out) leaves the
+    /// protocol mid-exchange: the next statement still gets its own answer.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_statement_dropped_midway_leaves_nothing_for_the_next(other: PgPool) {
+        let held = Held::new(pool(&other, 2).await, 1);
+        let mut conn = held.acquire().await.unwrap();
+        let slow = sqlx::query("SELECT pg_sleep(0.5)").execute(&mut *conn);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), slow)
+                .await
+                .is_err()
+        );
+        drop(conn);
+        for _ in 0..3 {
+            let mut conn = held.acquire().await.unwrap();
+            let n: i32 = sqlx::query_scalar("SELECT 42")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(n, 42);
+            conn.keep();
+        }
+    }
+
+    /// A kept connection past the pool's maximum lifetime is replaced, as
+    /// the pool replaces its own.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_kept_connection_past_its_lifetime_is_replaced(other: PgPool) {
+        let pool = super::super::pool_options(2)
+            .max_lifetime(Duration::from_millis(300))
+            .connect_with((*other.connect_options()).clone())
+            .await
+            .unwrap();
+        let held = Held::new(pool, 1);
+        let mut conn = held.acquire().await.unwrap();
+        let first = pid(&mut conn).await.unwrap();
+        conn.keep();
+        // Used again and again, so never idle long enough for a ping.
+        let start = std::time::Instant::now();
+        let mut last = first;
+        while start.elapsed() < Duration::from_millis(600) && last == first {
+            let mut conn = held.acquire().await.unwrap();
+            last = pid(&mut conn).await.unwrap();
+            conn.keep();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_ne!(last, first, "replaced once past its lifetime");
     }
 
     /// Every slot taken: the statement runs on a pooled connection rather

@@ -94,9 +94,10 @@ fn pool_options(max: u32) -> PgPoolOptions {
 /// completer uses one at a time.
 pub const PLANNED_ONCE_CONNECTIONS: u32 = 4;
 
-/// Connections of [`Store::by_id`]: a worker's two fetchers, its completer
-/// and its heartbeat each use one at a time, with room for attempts that
-/// end one by one (failed, released).
+/// Connections of [`Store::by_id`]: a worker's completer (large batches
+/// and retries, one kept) and its heartbeat each use one at a time, with
+/// room for attempts that end one by one (failed, released) and for more
+/// workers sharing a store (tests do).
 const BY_ID_CONNECTIONS: u32 = 6;
 
 /// Connections of [`Store::claims`]: a worker's two fetchers, each keeping
@@ -217,6 +218,16 @@ impl Store {
 
     /// Closes every connection, waiting for those in use to come back.
     pub async fn close(&self) {
+        // The pools are closed (`close` marks them at once) before the slots
+        // are emptied, or a loop still running could take a new connection
+        // into a slot already emptied, and the pool's close would wait for
+        // it forever.
+        let pools = [
+            self.claims.close(),
+            self.planned_once.close(),
+            self.by_id.close(),
+            self.pool.close(),
+        ];
         for kept in [
             &self.held.inserts,
             &self.held.claims,
@@ -225,10 +236,7 @@ impl Store {
         ] {
             kept.close().await;
         }
-        self.claims.close().await;
-        self.planned_once.close().await;
-        self.by_id.close().await;
-        self.pool.close().await;
+        futures::future::join_all(pools).await;
     }
 
     /// PostgreSQL's clock.

@@ -449,8 +449,9 @@ impl Store {
     /// PostgreSQL itself leaves the task queued, and the reconciler
     /// dispatches it again, as after a worker's crash; the attempt's
     /// outcome is committed synchronously, which flushes the claim before
-    /// it. At W2's 500/s it was a third of the commits (A/B in
-    /// BENCHMARKS.md).
+    /// it. Such an attempt is not counted (its claim is gone with the
+    /// crash). It saved PostgreSQL 0.02 to 0.05 of a core at W2's 500/s
+    /// (BENCHMARKS.md, 2026-12-04 fourth session).
     pub async fn claim(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<ClaimedTask>> {
         if ids.is_empty() {
             return Ok(Vec::new());
