@@ -230,7 +230,8 @@ mod tests {
     /// protocol mid-exchange: the next statement still gets its own answer.
     #[sqlx::test(migrator = "crate::MIGRATOR")]
     async fn a_statement_dropped_midway_leaves_nothing_for_the_next(other: PgPool) {
-        let held = Held::new(pool(&other, 2).await, 1);
+        let pool = pool(&other, 2).await;
+        let held = Held::new(pool.clone(), 1);
         let mut conn = held.acquire().await.unwrap();
         let slow = sqlx::query("SELECT pg_sleep(0.5)").execute(&mut *conn);
         assert!(
@@ -239,6 +240,14 @@ mod tests {
                 .is_err()
         );
         drop(conn);
+        // Not kept: back in the pool once sqlx's ping on return has read
+        // what the dropped statement left unread.
+        wait_for(
+            "the connection back in the pool",
+            Duration::from_secs(5),
+            || async { (pool.num_idle() == 1).then_some(()) },
+        )
+        .await;
         for _ in 0..3 {
             let mut conn = held.acquire().await.unwrap();
             let n: i32 = sqlx::query_scalar("SELECT 42")

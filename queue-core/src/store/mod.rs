@@ -43,9 +43,6 @@ pub struct Store {
     /// progress and the API's cancels, on connections of their own that
     /// plan each statement for its ids and the table as it is.
     by_id: PgPool,
-    /// Claims: planned like `by_id`, committed without waiting for the WAL
-    /// flush (see [`Store::claim`]).
-    claims: PgPool,
     /// Connections kept between statements by the loops that run one at a
     /// time (see [`held`]).
     held: Arc<Kept>,
@@ -56,7 +53,7 @@ pub struct Store {
 struct Kept {
     /// The API's group-commit writer.
     inserts: held::Held,
-    /// A worker's two fetchers.
+    /// A worker's two fetchers (claims, on `by_id`).
     claims: held::Held,
     /// A worker's completer, small batches.
     planned_once: held::Held,
@@ -94,15 +91,11 @@ fn pool_options(max: u32) -> PgPoolOptions {
 /// completer uses one at a time.
 pub const PLANNED_ONCE_CONNECTIONS: u32 = 4;
 
-/// Connections of [`Store::by_id`]: a worker's completer (large batches
-/// and retries, one kept) and its heartbeat each use one at a time, with
-/// room for attempts that end one by one (failed, released) and for more
-/// workers sharing a store (tests do).
+/// Connections of [`Store::by_id`]: a worker's two fetchers and its
+/// completer (large batches and retries) keep one each, its heartbeat uses
+/// one at a time, with room for attempts that end one by one (failed,
+/// released) and for more workers sharing a store (tests do).
 const BY_ID_CONNECTIONS: u32 = 6;
-
-/// Connections of [`Store::claims`]: a worker's two fetchers, each keeping
-/// one, and room for more workers sharing a store (tests do).
-const CLAIM_CONNECTIONS: u32 = 4;
 
 impl Store {
     /// Over `pool`; the reads and writes by id open their own connections
@@ -144,9 +137,7 @@ impl Store {
         let options = (*pool.connect_options())
             .clone()
             .options([("plan_cache_mode", "force_custom_plan")]);
-        let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options.clone());
-        let claims = pool_options(CLAIM_CONNECTIONS)
-            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options);
         // A slot keeps its connection out of the pool: the pool keeps at
         // least one for everything else.
         let slots = |pool: &PgPool, n: usize| {
@@ -157,7 +148,7 @@ impl Store {
         };
         let held = Arc::new(Kept {
             inserts: slots(&pool, 1),
-            claims: slots(&claims, 2),
+            claims: slots(&by_id, 2),
             planned_once: slots(&planned_once, 1),
             by_id: slots(&by_id, 1),
         });
@@ -165,7 +156,6 @@ impl Store {
             pool,
             planned_once,
             by_id,
-            claims,
             held,
         }
     }
@@ -223,7 +213,6 @@ impl Store {
         // into a slot already emptied, and the pool's close would wait for
         // it forever.
         let pools = [
-            self.claims.close(),
             self.planned_once.close(),
             self.by_id.close(),
             self.pool.close(),
@@ -289,24 +278,34 @@ mod tests {
         assert_ne!(next, first);
     }
 
-    /// Submissions and outcomes are on disk when they are answered; only
-    /// a claim, which a crash of PostgreSQL can lose without losing the
-    /// task (see [`Store::claim`]), skips waiting for the flush.
+    /// Each set of kept connections is of the pool its statements are
+    /// written for: claims and large completions planned at each run, small
+    /// completions on one generic plan (see [`Store::new`]); and every
+    /// write waits for the WAL flush. (A claim that did not could be lost
+    /// in a crash of PostgreSQL while its worker ran on, and the next claim
+    /// would reuse its attempt number, which fences every write.)
     #[sqlx::test(migrator = "crate::MIGRATOR")]
-    async fn only_claims_commit_without_waiting_for_the_flush(pool: PgPool) {
+    async fn each_kept_set_runs_on_its_own_pool(pool: PgPool) {
         let store = Store::new(pool);
-        for (name, kept, expected) in [
-            ("inserts", &store.held.inserts, "on"),
-            ("claims", &store.held.claims, "off"),
-            ("small completions", &store.held.planned_once, "on"),
-            ("other outcomes", &store.held.by_id, "on"),
+        for (name, kept, plans) in [
+            ("inserts", &store.held.inserts, "auto"),
+            ("claims", &store.held.claims, "force_custom_plan"),
+            (
+                "small completions",
+                &store.held.planned_once,
+                "force_generic_plan",
+            ),
+            ("other outcomes", &store.held.by_id, "force_custom_plan"),
         ] {
             let mut conn = kept.acquire().await.unwrap();
-            let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            assert_eq!(setting, expected, "{name}");
+            let (mode, flush): (String, String) = sqlx::query_as(
+                "SELECT current_setting('plan_cache_mode'), current_setting('synchronous_commit')",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            assert_eq!(mode, plans, "{name}");
+            assert_eq!(flush, "on", "{name}");
             conn.keep();
         }
         tokio::time::timeout(Duration::from_secs(10), store.close())

@@ -444,14 +444,10 @@ impl Store {
     /// duplicate id in Redis harmless. A scheduled task is claimable once it
     /// is due (with a second of grace for clock skew between hosts).
     ///
-    /// Committed without waiting for the WAL flush (the `claims`
-    /// connections' `synchronous_commit = off`): a claim lost in a crash of
-    /// PostgreSQL itself leaves the task queued, and the reconciler
-    /// dispatches it again, as after a worker's crash; the attempt's
-    /// outcome is committed synchronously, which flushes the claim before
-    /// it. Such an attempt is not counted (its claim is gone with the
-    /// crash). It saved PostgreSQL 0.02 to 0.05 of a core at W2's 500/s
-    /// (BENCHMARKS.md, 2026-12-04 fourth session).
+    /// Committed with the WAL flush like every write: a claim lost in a
+    /// crash of PostgreSQL would let the next claim reuse its attempt
+    /// number, and the attempt number is what fences every write of the
+    /// worker still running it (BENCHMARKS.md, 2026-12-04 fourth session).
     pub async fn claim(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<ClaimedTask>> {
         if ids.is_empty() {
             return Ok(Vec::new());
