@@ -71,3 +71,16 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Terminates the backend `pid` (as a restart of PostgreSQL would) and
+/// waits until a connection to it counts as idle long enough to be pinged
+/// before its next use.
+pub async fn break_while_idle(other: &PgPool, pid: i32) {
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(other)
+        .await
+        .unwrap();
+    assert!(killed);
+    tokio::time::sleep(crate::IDLE_CHECK + Duration::from_millis(100)).await;
+}

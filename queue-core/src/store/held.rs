@@ -153,6 +153,16 @@ mod tests {
         sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(conn)
     }
 
+    /// Waits for the one connection given back to be idle in `pool`.
+    async fn back_in_the_pool(pool: &PgPool) {
+        wait_for(
+            "the connection back in the pool",
+            Duration::from_secs(5),
+            || async { (pool.num_idle() == 1).then_some(()) },
+        )
+        .await;
+    }
+
     async fn pool(other: &PgPool, max: u32) -> PgPool {
         super::super::pool_options(max)
             .connect_with((*other.connect_options()).clone())
@@ -191,13 +201,7 @@ mod tests {
         let mut conn = held.acquire().await.unwrap();
         let first = pid(&mut conn).await.unwrap();
         conn.keep();
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(first)
-            .fetch_one(&other)
-            .await
-            .unwrap();
-        assert!(killed);
-        tokio::time::sleep(crate::IDLE_CHECK + Duration::from_millis(100)).await;
+        crate::testkit::break_while_idle(&other, first).await;
         let mut conn = held.acquire().await.unwrap();
         let next = pid(&mut conn)
             .await
@@ -216,12 +220,7 @@ mod tests {
         let err = sqlx::query("SELECT 1/0").execute(&mut *conn).await;
         assert!(err.is_err());
         drop(conn);
-        wait_for(
-            "the connection back in the pool",
-            Duration::from_secs(5),
-            || async { (pool.num_idle() == 1).then_some(()) },
-        )
-        .await;
+        back_in_the_pool(&pool).await;
         let mut conn = held.acquire().await.unwrap();
         pid(&mut conn).await.expect("a working connection");
     }
@@ -242,12 +241,7 @@ mod tests {
         drop(conn);
         // Not kept: back in the pool once sqlx's ping on return has read
         // what the dropped statement left unread.
-        wait_for(
-            "the connection back in the pool",
-            Duration::from_secs(5),
-            || async { (pool.num_idle() == 1).then_some(()) },
-        )
-        .await;
+        back_in_the_pool(&pool).await;
         for _ in 0..3 {
             let mut conn = held.acquire().await.unwrap();
             let n: i32 = sqlx::query_scalar("SELECT 42")

@@ -265,13 +265,7 @@ mod tests {
             || async { (pool.num_idle() == 1).then_some(()) },
         )
         .await;
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(first)
-            .fetch_one(&other)
-            .await
-            .unwrap();
-        assert!(killed);
-        tokio::time::sleep(crate::IDLE_CHECK + Duration::from_millis(100)).await;
+        crate::testkit::break_while_idle(&other, first).await;
         let next = pid()
             .await
             .expect("the idle connection was pinged and replaced");
