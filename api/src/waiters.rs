@@ -136,6 +136,7 @@ impl Waiters {
         }
     }
 
+    /// Drops a task [`Waiters::submitting`] noted whose commit failed.
     pub fn forget(&self, id: Uuid) {
         self.fresh.lock().expect("lock").tasks.remove(&id);
     }

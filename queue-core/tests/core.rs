@@ -33,7 +33,7 @@ async fn ready_set_pops_by_priority_then_fifo(pool: PgPool) {
     }
     let mut popped = Vec::new();
     loop {
-        let got = svc.queue.pop("m", 4, 0).await.unwrap();
+        let got = svc.queue.pop("m", 4, 0).await.unwrap().popped;
         if got.is_empty() {
             break;
         }
@@ -60,9 +60,16 @@ async fn scheduled_ids_wait_for_their_time(pool: PgPool) {
         .schedule("m", id, Priority::High, 10_000)
         .await
         .unwrap();
-    assert!(svc.queue.pop("m", 10, 9_999).await.unwrap().is_empty());
+    assert!(
+        svc.queue
+            .pop("m", 10, 9_999)
+            .await
+            .unwrap()
+            .popped
+            .is_empty()
+    );
     assert_eq!(svc.queue.depth("m").await.unwrap(), (0, 1));
-    let got = svc.queue.pop("m", 10, 10_000).await.unwrap();
+    let got = svc.queue.pop("m", 10, 10_000).await.unwrap().popped;
     assert_eq!(got.iter().map(|p| p.id).collect::<Vec<_>>(), vec![id]);
     assert_eq!(svc.queue.depth("m").await.unwrap(), (0, 0));
 
@@ -81,7 +88,7 @@ async fn scheduled_ids_wait_for_their_time(pool: PgPool) {
         .schedule("m", id, Priority::Normal, 6_000)
         .await
         .unwrap();
-    let got = svc.queue.pop("m", 10, 7_000).await.unwrap();
+    let got = svc.queue.pop("m", 10, 7_000).await.unwrap().popped;
     assert_eq!(
         got.iter().map(|p| p.id).collect::<Vec<_>>(),
         vec![early, id]
@@ -95,7 +102,7 @@ async fn scheduled_ids_wait_for_their_time(pool: PgPool) {
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn a_short_pop_tells_when_the_next_retry_is_due(pool: PgPool) {
     let svc = testkit::service(pool);
-    let none = svc.queue.pop_or_due("m", 10, 1_000).await.unwrap();
+    let none = svc.queue.pop("m", 10, 1_000).await.unwrap();
     assert_eq!(none, queue_core::queue::Pop::default());
     for (due, priority) in [(20_000, Priority::Low), (10_000, Priority::High)] {
         svc.queue
@@ -113,17 +120,17 @@ async fn a_short_pop_tells_when_the_next_retry_is_due(pool: PgPool) {
         }])
         .await
         .unwrap();
-    let short = svc.queue.pop_or_due("m", 10, 5_000).await.unwrap();
+    let short = svc.queue.pop("m", 10, 5_000).await.unwrap();
     assert_eq!(
         short.popped.iter().map(|p| p.id).collect::<Vec<_>>(),
         vec![ready]
     );
     assert_eq!(short.next_due_ms, Some(10_000));
-    let empty = svc.queue.pop_or_due("m", 1, 5_000).await.unwrap();
+    let empty = svc.queue.pop("m", 1, 5_000).await.unwrap();
     assert!(empty.popped.is_empty());
     assert_eq!(empty.next_due_ms, Some(10_000));
     // Full: the first retry, now due, moved to ready and taken.
-    let full = svc.queue.pop_or_due("m", 1, 10_000).await.unwrap();
+    let full = svc.queue.pop("m", 1, 10_000).await.unwrap();
     assert_eq!(full.popped.len(), 1);
     assert_eq!(full.next_due_ms, None);
     svc.queue.purge().await.unwrap();

@@ -629,7 +629,6 @@ impl Fetcher {
         self.due_known = false;
         self.next_due_ms = None;
         let queues = self.queues(inner).await?;
-        let mut popped_all = true;
         if queues.is_empty() {
             return Ok(());
         }
@@ -638,7 +637,6 @@ impl Fetcher {
         // within a queue the ready set gives strict priority.
         for i in 0..queues.len() {
             if permits.is_empty() {
-                popped_all = false;
                 break;
             }
             let name = &queues[(self.next + i) % queues.len()];
@@ -666,7 +664,7 @@ impl Fetcher {
                 let mut next = inner.pop_turns.lock().await;
                 let ticket = *next;
                 *next += 1;
-                (ticket, inner.queue.pop_or_due(name, want, now_ms).await)
+                (ticket, inner.queue.pop(name, want, now_ms).await)
             };
             if let Ok(pop) = &popped
                 && let Some(due) = pop.next_due_ms
@@ -728,7 +726,9 @@ impl Fetcher {
             inner.end_turn(ticket);
         }
         self.next = self.next.wrapping_add(1);
-        self.due_known = popped_all;
+        // Every queue was popped: the loop stops early only once the room
+        // ran out, after a full pop, and then `more` skips the idle wait.
+        self.due_known = true;
         Ok(())
     }
 }

@@ -528,6 +528,7 @@ async fn the_reconciler_restores_what_redis_lost(pool: PgPool) {
         .pop("sim", 10, 0)
         .await
         .unwrap()
+        .popped
         .iter()
         .map(|p| p.id)
         .collect();

@@ -386,14 +386,9 @@ impl Queue {
     }
 
     /// Takes up to `count` ready ids of `queue`, highest priority first,
-    /// after moving due scheduled tasks to ready.
-    pub async fn pop(&self, queue: &str, count: usize, now_ms: i64) -> Result<Vec<Popped>> {
-        Ok(self.pop_or_due(queue, count, now_ms).await?.popped)
-    }
-
-    /// [`Queue::pop`], and when it came back short, when the queue's next
-    /// scheduled task falls due.
-    pub async fn pop_or_due(&self, queue: &str, count: usize, now_ms: i64) -> Result<Pop> {
+    /// after moving due scheduled tasks to ready; when it comes back short,
+    /// says when the queue's next scheduled task falls due.
+    pub async fn pop(&self, queue: &str, count: usize, now_ms: i64) -> Result<Pop> {
         let mut conn = self.conn().await?;
         let popped: Vec<(String, f64)> = POP
             .key(self.ready_key(queue))

@@ -63,22 +63,22 @@ impl Held {
                 continue;
             };
             let lifetime = self.pool.options().get_max_lifetime();
-            let (conn, taken) = match slot.take() {
-                // Given back, the pool closes it.
-                Some(kept) if lifetime.is_some_and(|l| kept.taken.elapsed() >= l) => {
-                    drop(kept);
-                    (self.pool.acquire().await?, Instant::now())
-                }
-                Some(kept) if kept.used.elapsed() < crate::IDLE_CHECK => (kept.conn, kept.taken),
+            let reused = match slot.take() {
+                // Dropped, it goes back to the pool, which closes it.
+                Some(kept) if lifetime.is_some_and(|l| kept.taken.elapsed() >= l) => None,
+                Some(kept) if kept.used.elapsed() < crate::IDLE_CHECK => Some(kept),
                 // PostgreSQL may have restarted while it idled.
                 Some(mut kept) => match kept.conn.ping().await {
-                    Ok(()) => (kept.conn, kept.taken),
+                    Ok(()) => Some(kept),
                     Err(_) => {
                         kept.conn.close_on_drop();
-                        drop(kept);
-                        (self.pool.acquire().await?, Instant::now())
+                        None
                     }
                 },
+                None => None,
+            };
+            let (conn, taken) = match reused {
+                Some(kept) => (kept.conn, kept.taken),
                 None => (self.pool.acquire().await?, Instant::now()),
             };
             return Ok(Conn {
