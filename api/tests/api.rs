@@ -630,12 +630,7 @@ async fn finish_unannounced(svc: &Service, id: uuid::Uuid) {
     let done = queue_core::store::Finish::Succeeded {
         result: json!({"text": "done"}),
     };
-    assert!(
-        svc.store
-            .finish(id, claimed[0].attempts, &done)
-            .await
-            .unwrap()
-    );
+    assert!(svc.store.finish(id, claimed[0].claim, &done).await.unwrap());
 }
 
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
@@ -1107,15 +1102,17 @@ async fn fail_one(api: &Api, model: &str, error: &str) -> uuid::Uuid {
         .post("/tasks", &json!({"model": model, "prompt": "x"}))
         .await;
     let id = uuid::Uuid::parse_str(t["id"].as_str().unwrap()).unwrap();
-    api.service
+    let claim = api
+        .service
         .store
         .claim(&[id], std::time::Duration::from_secs(30))
         .await
-        .unwrap();
+        .unwrap()[0]
+        .claim;
     let failed = queue_core::store::Finish::Failed {
         error: error.into(),
     };
-    assert!(api.service.store.finish(id, 1, &failed).await.unwrap());
+    assert!(api.service.store.finish(id, claim, &failed).await.unwrap());
     id
 }
 

@@ -6,7 +6,7 @@
 //! - [`task`]: `Task` statuses, priorities, `NewTask` and its validation (the
 //!   one place client input is checked).
 //! - [`store`]: PostgreSQL, the source of truth. Every SQL statement lives
-//!   here: insert, claim, finish (fenced on the attempt), cancel, read.
+//!   here: insert, claim, finish (fenced on the claim), cancel, read.
 //! - [`queue`]: Redis, the dispatch index of task ids. Every Redis command and
 //!   Lua script lives here.
 //! - [`service`]: client operations composed from store and queue in the

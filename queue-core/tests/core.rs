@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use queue_core::queue::ReadyEntry;
-use queue_core::store::Finish;
+use queue_core::store::{Claim, Finish};
 use queue_core::task::{NewBatch, NewTask, Priority, TaskStatus};
 use queue_core::testkit;
 use serde_json::json;
@@ -168,16 +168,18 @@ async fn a_stale_attempt_cannot_overwrite(pool: PgPool) {
     let stale = Finish::Succeeded {
         result: json!({"text": "late"}),
     };
+    let other = Claim(Uuid::new_v4());
     assert!(
-        !svc.store.finish(id, 2, &stale).await.unwrap(),
-        "wrong attempt"
+        !svc.store.finish(id, other, &stale).await.unwrap(),
+        "another claim's token"
     );
     let ok = Finish::Succeeded {
         result: json!({"text": "mine"}),
     };
-    assert!(svc.store.finish(id, 1, &ok).await.unwrap());
+    let mine = claimed[0].claim;
+    assert!(svc.store.finish(id, mine, &ok).await.unwrap());
     assert!(
-        !svc.store.finish(id, 1, &ok).await.unwrap(),
+        !svc.store.finish(id, mine, &ok).await.unwrap(),
         "finished twice"
     );
     let (t, history) = svc.task(id).await.unwrap().unwrap();
@@ -188,19 +190,99 @@ async fn a_stale_attempt_cannot_overwrite(pool: PgPool) {
     svc.queue.purge().await.unwrap();
 }
 
+/// Claims commit without waiting for the WAL flush, so a crash of
+/// PostgreSQL can lose one while its worker runs on; the reconciler queues
+/// the task again and the next claim takes the same attempt number. No
+/// write of the lost claim (renewal, progress, outcome, alone or batched)
+/// may touch the claim that holds the task now.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_claim_lost_in_a_crash_cannot_write_over_the_next(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let lease = Duration::from_secs(30);
+    let id = svc.submit(&task("normal")).await.unwrap().ids[0];
+    let lost = svc.store.claim(&[id], lease).await.unwrap().remove(0);
+    // What recovery leaves of a claim whose commit was not flushed: the
+    // row as it was before it.
+    sqlx::query(
+        "UPDATE tasks SET status = 'queued', attempts = attempts - 1, claim = NULL,
+                lease_until = NULL, started_at = NULL, attempt_started_at = NULL
+          WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let next = svc.store.claim(&[id], lease).await.unwrap().remove(0);
+    assert_eq!(
+        next.attempts, lost.attempts,
+        "the attempt number comes again"
+    );
+
+    let stale = lost.claim;
+    assert!(
+        svc.store
+            .renew_leases(&[(id, stale)], lease)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the lost claim's worker is told it lost the task"
+    );
+    svc.store
+        .record_progress(&[(id, stale, json!({"tokens": 9}))])
+        .await
+        .unwrap();
+    let result = json!({"text": "stale"});
+    assert!(
+        svc.store
+            .finish_succeeded_many(&[(id, stale, &result)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        svc.store
+            .finish_retry_many(&[(id, stale, "e", chrono::Utc::now())])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let failed = Finish::Failed {
+        error: "stale".into(),
+    };
+    assert!(!svc.store.finish(id, stale, &failed).await.unwrap());
+    let (t, _) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Running);
+    assert_eq!(t.progress, None, "no progress from the lost claim");
+
+    let result = json!({"text": "mine"});
+    assert_eq!(
+        svc.store
+            .finish_succeeded_many(&[(id, next.claim, &result)])
+            .await
+            .unwrap(),
+        vec![id]
+    );
+    let (t, history) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!(t.result, Some(result));
+    assert_eq!(history.len(), 1, "one attempt: the lost one never was");
+    svc.queue.purge().await.unwrap();
+}
+
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn release_does_not_charge_an_attempt(pool: PgPool) {
     let svc = testkit::service(pool);
     let id = svc.submit(&task("normal")).await.unwrap().ids[0];
-    svc.store
+    let claim = svc
+        .store
         .claim(&[id], Duration::from_secs(30))
         .await
-        .unwrap();
+        .unwrap()[0]
+        .claim;
     assert!(
         svc.store
             .finish(
                 id,
-                1,
+                claim,
                 &Finish::Released {
                     reason: "test".into()
                 }
@@ -464,6 +546,8 @@ async fn lease_renewal_skips_a_row_another_statement_holds_instead_of_waiting(po
     let short = Duration::from_secs(5);
     let claimed = svc.store.claim(&[a, b], short).await.unwrap();
     assert_eq!(claimed.len(), 2);
+    let claim_of = |id: Uuid| claimed.iter().find(|t| t.id == id).unwrap().claim;
+    let (claim_a, claim_b) = (claim_of(a), claim_of(b));
     let lease_of = |id: Uuid| {
         let pool = pool.clone();
         async move {
@@ -489,7 +573,7 @@ async fn lease_renewal_skips_a_row_another_statement_holds_instead_of_waiting(po
     let kept = tokio::time::timeout(
         Duration::from_secs(10),
         svc.store.renew_leases(
-            &[(a, 1), (b, 1), (Uuid::now_v7(), 1)],
+            &[(a, claim_a), (b, claim_b), (Uuid::now_v7(), claim_a)],
             Duration::from_secs(60),
         ),
     )
@@ -509,10 +593,13 @@ async fn lease_renewal_skips_a_row_another_statement_holds_instead_of_waiting(po
         "the held one waits for the next renewal"
     );
     // Next time round, with nobody holding it, `b` is renewed too; and a
-    // stale attempt is reported lost.
+    // stale claim is reported lost.
     let kept = svc
         .store
-        .renew_leases(&[(b, 1), (a, 7)], Duration::from_secs(60))
+        .renew_leases(
+            &[(b, claim_b), (a, Claim(Uuid::new_v4()))],
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     assert_eq!(kept, vec![b]);
@@ -569,22 +656,24 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
     let id = svc.submit(&two).await.unwrap().ids[0];
     assert_eq!(attempts_of(&svc, id).await, vec![]);
 
-    svc.store.claim(&[id], lease).await.unwrap();
+    let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
     assert_eq!(attempts_of(&svc, id).await, vec![(1, 1, None, None, false)]);
     let released = Finish::Released {
         reason: "shutdown".into(),
     };
-    assert!(svc.store.finish(id, 1, &released).await.unwrap());
+    assert!(svc.store.finish(id, claim, &released).await.unwrap());
     let mut want = vec![(1, 1, some("released"), some("shutdown"), true)];
     assert_eq!(attempts_of(&svc, id).await, want);
 
     // The released attempt is not charged: the next one is attempt 1 again.
-    svc.store.claim(&[id], lease).await.unwrap();
+    let again = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
+    assert_ne!(again, claim, "the same attempt number, a new token");
     let retry = Finish::Retry {
         error: "e1".into(),
         run_at: chrono::Utc::now(),
     };
-    assert!(svc.store.finish(id, 1, &retry).await.unwrap());
+    assert!(!svc.store.finish(id, claim, &retry).await.unwrap());
+    assert!(svc.store.finish(id, again, &retry).await.unwrap());
     want.push((1, 1, some("retry"), some("e1"), true));
     assert_eq!(attempts_of(&svc, id).await, want);
 
@@ -606,11 +695,11 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
     };
     assert_eq!(svc.store.redrive(&only, 10).await.unwrap().len(), 1);
     assert_eq!(attempts_of(&svc, id).await, want);
-    svc.store.claim(&[id], lease).await.unwrap();
+    let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
     let result = json!({"text": "ok"});
     assert_eq!(
         svc.store
-            .finish_succeeded_many(&[(id, 1, &result)])
+            .finish_succeeded_many(&[(id, claim, &result)])
             .await
             .unwrap(),
         vec![id]
@@ -622,7 +711,7 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
         !svc.store
             .finish(
                 id,
-                1,
+                claim,
                 &Finish::Failed {
                     error: "late".into()
                 }
@@ -654,9 +743,9 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
     // What this layout is for: a task that succeeds at once writes no
     // attempt row, only its claim and its completion.
     let c = svc.submit(&task("normal")).await.unwrap().ids[0];
-    svc.store.claim(&[c], lease).await.unwrap();
+    let claim = svc.store.claim(&[c], lease).await.unwrap()[0].claim;
     svc.store
-        .finish_succeeded_many(&[(c, 1, &result)])
+        .finish_succeeded_many(&[(c, claim, &result)])
         .await
         .unwrap();
     assert_eq!(
@@ -674,7 +763,10 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
 
 /// Migration 0006 moves attempts that are open at the upgrade into their
 /// task's row: the history reads the same before and after, and the
-/// attempt's end is recorded once, by the new code.
+/// attempt's end is recorded once, by the new code (here the sweeper's:
+/// since 0008 a worker's writes are fenced on a claim token that a claim
+/// made before the upgrade does not have, so such an attempt ends by its
+/// own worker, running the old code, or by its lease).
 #[sqlx::test(migrations = false)]
 async fn attempts_open_at_the_upgrade_move_into_their_task_row(pool: PgPool) {
     let apply = |versions: std::ops::RangeInclusive<i64>| {
@@ -704,7 +796,7 @@ async fn attempts_open_at_the_upgrade_move_into_their_task_row(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    apply(6..=6).await;
+    apply(6..=i64::MAX).await;
     let svc = testkit::service(pool.clone());
     assert_eq!(
         attempts_of(&svc, running).await,
@@ -717,19 +809,18 @@ async fn attempts_open_at_the_upgrade_move_into_their_task_row(pool: PgPool) {
         attempts_of(&svc, done).await,
         vec![(1, 1, some("succeeded"), None, true)]
     );
-    let result = json!({"text": "ok"});
-    assert_eq!(
-        svc.store
-            .finish_succeeded_many(&[(running, 2, &result)])
-            .await
-            .unwrap(),
-        vec![running]
-    );
+    sqlx::query("UPDATE tasks SET lease_until = now() - interval '1 second' WHERE id = $1")
+        .bind(running)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(svc.store.reap_expired(10).await.unwrap().len(), 1);
+    let lost = "lease expired: the worker running it stopped answering";
     assert_eq!(
         attempts_of(&svc, running).await,
         vec![
             (1, 1, some("retry"), some("e1"), true),
-            (1, 2, some("succeeded"), None, true)
+            (1, 2, some("lease_expired"), some(lost), true)
         ]
     );
 }
@@ -792,39 +883,39 @@ async fn statements_by_id_keep_primary_key_plans_as_the_table_grows(pool: PgPool
         let n = ids.len();
         let claimed = store.claim(ids, lease).await.unwrap();
         assert_eq!(claimed.len(), n);
-        let held: Vec<(Uuid, i32)> = claimed.iter().map(|t| (t.id, t.attempts)).collect();
+        let held: Vec<(Uuid, Claim)> = claimed.iter().map(|t| (t.id, t.claim)).collect();
         assert_eq!(store.renew_leases(&held, lease).await.unwrap().len(), n);
-        let progress: Vec<(Uuid, i32, serde_json::Value)> = held
+        let progress: Vec<(Uuid, Claim, serde_json::Value)> = held
             .iter()
             .map(|&(id, a)| (id, a, json!({"tokens": 1})))
             .collect();
         store.record_progress(&progress).await.unwrap();
         assert!(store.cancelled_among(ids).await.unwrap().is_empty());
         let due = chrono::Utc::now() - chrono::Duration::seconds(1);
-        let retries: Vec<(Uuid, i32, &str, chrono::DateTime<chrono::Utc>)> =
+        let retries: Vec<(Uuid, Claim, &str, chrono::DateTime<chrono::Utc>)> =
             held.iter().map(|&(id, a)| (id, a, "busy", due)).collect();
         assert_eq!(store.finish_retry_many(&retries).await.unwrap().len(), n);
         let again = store.claim(ids, lease).await.unwrap();
         assert_eq!(again.len(), n);
         let result = json!({"text": "r"});
-        let done: Vec<(Uuid, i32, &serde_json::Value)> =
-            again.iter().map(|t| (t.id, t.attempts, &result)).collect();
+        let done: Vec<(Uuid, Claim, &serde_json::Value)> =
+            again.iter().map(|t| (t.id, t.claim, &result)).collect();
         assert_eq!(store.finish_succeeded_many(&done).await.unwrap().len(), n);
     }
     /// One task released, claimed again and failed; another cancelled.
     async fn single_ones(svc: &queue_core::Service) {
         let lease = Duration::from_secs(30);
         let id = svc.submit(&task("normal")).await.unwrap().ids[0];
-        let attempt = svc.store.claim(&[id], lease).await.unwrap()[0].attempts;
+        let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
         let released = Finish::Released {
             reason: "shutdown".into(),
         };
-        assert!(svc.store.finish(id, attempt, &released).await.unwrap());
-        let attempt = svc.store.claim(&[id], lease).await.unwrap()[0].attempts;
+        assert!(svc.store.finish(id, claim, &released).await.unwrap());
+        let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
         let failed = Finish::Failed {
             error: "bad".into(),
         };
-        assert!(svc.store.finish(id, attempt, &failed).await.unwrap());
+        assert!(svc.store.finish(id, claim, &failed).await.unwrap());
         let id = svc.submit(&task("normal")).await.unwrap().ids[0];
         let cancelled = svc.store.cancel(id, None).await.unwrap();
         assert!(matches!(cancelled, CancelOutcome::Cancelled(_)));

@@ -13,7 +13,7 @@ use chrono::Utc;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-use queue_core::store::{CancelOutcome, Finish};
+use queue_core::store::{CancelOutcome, Claim, Finish};
 use queue_core::task::{NewTask, TaskRecord, TaskStatus};
 use queue_core::testkit;
 use serde_json::json;
@@ -25,7 +25,8 @@ enum Op {
     Claim {
         lease_zero: bool,
     },
-    /// A worker reports an outcome for attempt `current + offset`.
+    /// A worker reports an outcome for a claim: the latest (offset 0), the
+    /// one before it (-1), or one never made (1).
     Finish {
         offset: i32,
         kind: u8,
@@ -108,6 +109,7 @@ async fn random_histories_keep_the_invariants(pool: PgPool) {
         .unwrap();
         let id = svc.submit(&task).await.unwrap().ids[0];
         let mut terminal: Option<TaskStatus> = None;
+        let mut claims: Vec<Claim> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let before = svc.store.task(id).await.unwrap().unwrap();
             let done = &ops[..=i];
@@ -119,6 +121,7 @@ async fn random_histories_keep_the_invariants(pool: PgPool) {
                         Duration::from_secs(30)
                     };
                     let claimed = svc.store.claim(&[id], lease).await.unwrap();
+                    claims.extend(claimed.iter().map(|t| t.claim));
                     let claimable =
                         matches!(before.status, TaskStatus::Queued | TaskStatus::Scheduled);
                     assert_eq!(
@@ -129,10 +132,15 @@ async fn random_histories_keep_the_invariants(pool: PgPool) {
                     );
                 }
                 Op::Finish { offset, kind } => {
-                    let attempt = before.attempts + offset;
+                    let claim = match offset {
+                        0 => claims.last().copied(),
+                        -1 => claims.len().checked_sub(2).map(|i| claims[i]),
+                        _ => None,
+                    }
+                    .unwrap_or(Claim(uuid::Uuid::new_v4()));
                     let wrote = svc
                         .store
-                        .finish(id, attempt, &finish_of(*kind))
+                        .finish(id, claim, &finish_of(*kind))
                         .await
                         .unwrap();
                     let holds = before.status == TaskStatus::Running && *offset == 0;

@@ -14,7 +14,7 @@ use queue_core::queue::events::Finished;
 use queue_core::queue::stats::Outcome;
 use queue_core::queue::{Queue, ScheduledEntry};
 use queue_core::retry::io_backoff;
-use queue_core::store::Store;
+use queue_core::store::{Claim, Store};
 use queue_core::task::{Priority, TaskStatus};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -40,7 +40,8 @@ pub struct Done {
     /// Its queue (model), for the throughput counters and the retry.
     pub queue: String,
     pub priority: Priority,
-    pub attempt: i32,
+    /// The fence on the write.
+    pub claim: Claim,
     pub batch_id: Option<Uuid>,
     pub ended: Ended,
     /// Whether the write took effect (false: fenced out, or it failed).
@@ -75,12 +76,12 @@ pub async fn run(store: Store, queue: Queue, mut rx: mpsc::Receiver<Done>) {
 /// through a PostgreSQL blip. Returns each written task's new status.
 async fn write(store: &Store, batch: &[Done]) -> HashMap<Uuid, TaskStatus> {
     use backon::Retryable as _;
-    let mut succeeded: Vec<(Uuid, i32, &Value)> = Vec::new();
-    let mut retried: Vec<(Uuid, i32, &str, DateTime<Utc>)> = Vec::new();
+    let mut succeeded: Vec<(Uuid, Claim, &Value)> = Vec::new();
+    let mut retried: Vec<(Uuid, Claim, &str, DateTime<Utc>)> = Vec::new();
     for d in batch {
         match &d.ended {
-            Ended::Succeeded { result } => succeeded.push((d.id, d.attempt, result)),
-            Ended::Retry { error, run_at } => retried.push((d.id, d.attempt, error, *run_at)),
+            Ended::Succeeded { result } => succeeded.push((d.id, d.claim, result)),
+            Ended::Retry { error, run_at } => retried.push((d.id, d.claim, error, *run_at)),
         }
     }
     let mut held = HashMap::new();

@@ -24,7 +24,7 @@ use queue_core::queue::events::Finished;
 use queue_core::queue::stats::Outcome;
 use queue_core::queue::{Popped, Queue, ReadyEntry};
 use queue_core::retry::{RetryPolicy, io_backoff};
-use queue_core::store::{ClaimedTask, Finish, Store};
+use queue_core::store::{Claim, ClaimedTask, Finish, Store};
 use queue_core::task::Priority;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -50,10 +50,10 @@ const CANCEL_POLL: Duration = Duration::from_millis(500);
 /// Longest sleep between fetches while the stores are failing.
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(2);
 
-/// An attempt in flight: its fence, the token that stops it, and how far
-/// it has got (tokens streamed; written to the task by the heartbeat).
+/// An attempt in flight: its claim (the fence on its writes), what stops it,
+/// and how far it has got (tokens streamed; written by the heartbeat).
 struct InFlight {
-    attempt: i32,
+    claim: Claim,
     stop: CancellationToken,
     progress: Arc<AtomicU64>,
     progress_written: u64,
@@ -698,7 +698,7 @@ impl Fetcher {
                 inner.in_flight.lock().expect("lock").insert(
                     task.id,
                     InFlight {
-                        attempt: task.attempts,
+                        claim: task.claim,
                         stop: CancellationToken::new(),
                         progress: Arc::default(),
                         progress_written: 0,
@@ -796,12 +796,12 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
         correct_token_estimates(&inner).await;
-        let held: Vec<(Uuid, i32)> = inner
+        let held: Vec<(Uuid, Claim)> = inner
             .in_flight
             .lock()
             .expect("lock")
             .iter()
-            .map(|(id, f)| (*id, f.attempt))
+            .map(|(id, f)| (*id, f.claim))
             .collect();
         if held.is_empty() {
             continue;
@@ -858,14 +858,14 @@ async fn correct_token_estimates(inner: &Inner) {
 
 /// Writes the progress of attempts that moved since the last write.
 async fn write_progress(inner: &Inner) {
-    let moved: Vec<(Uuid, i32, serde_json::Value)> = {
+    let moved: Vec<(Uuid, Claim, serde_json::Value)> = {
         let mut map = inner.in_flight.lock().expect("lock");
         map.iter_mut()
             .filter_map(|(id, f)| {
                 let now = f.progress.load(Ordering::Relaxed);
                 (now != f.progress_written).then(|| {
                     f.progress_written = now;
-                    (*id, f.attempt, serde_json::json!({ "tokens": now }))
+                    (*id, f.claim, serde_json::json!({ "tokens": now }))
                 })
             })
             .collect()
@@ -940,10 +940,7 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, held: Held) {
 /// that one must keep its lease renewals and cancel checks.
 fn forget(inner: &Inner, task: &ClaimedTask) {
     let mut map = inner.in_flight.lock().expect("lock");
-    if map
-        .get(&task.id)
-        .is_some_and(|f| f.attempt == task.attempts)
-    {
+    if map.get(&task.id).is_some_and(|f| f.claim == task.claim) {
         map.remove(&task.id);
     }
     metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
@@ -1112,7 +1109,7 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 id: task.id,
                 queue: task.model.clone(),
                 priority: Priority::from_band(task.priority).unwrap_or(Priority::Normal),
-                attempt: task.attempts,
+                claim: task.claim,
                 batch_id: task.batch_id,
                 ended,
                 reply,
@@ -1132,7 +1129,7 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
 
 /// Writes a failure or a release on its own, then tells Redis.
 async fn record_alone(inner: &Inner, task: &ClaimedTask, finish: Finish) {
-    let write = || inner.store.finish(task.id, task.attempts, &finish);
+    let write = || inner.store.finish(task.id, task.claim, &finish);
     let held = match write
         .retry(io_backoff())
         .when(queue_core::Error::is_unavailable)

@@ -472,7 +472,8 @@ async fn a_lapsed_lease_is_reaped_and_the_lost_attempt_counts(pool: PgPool) {
     );
 
     // The second (last) attempt's worker dies too: a dead letter, not a loop.
-    assert_eq!(svc.store.claim(&[id], short).await.unwrap()[0].attempts, 2);
+    let last = svc.store.claim(&[id], short).await.unwrap().remove(0);
+    assert_eq!(last.attempts, 2);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
     assert_eq!((r.requeued, r.failed), (0, 1));
@@ -485,7 +486,7 @@ async fn a_lapsed_lease_is_reaped_and_the_lost_attempt_counts(pool: PgPool) {
     let late = queue_core::store::Finish::Succeeded {
         result: json!({"text": "late"}),
     };
-    assert!(!svc.store.finish(id, 2, &late).await.unwrap());
+    assert!(!svc.store.finish(id, last.claim, &late).await.unwrap());
     let (t, _) = svc.task(id).await.unwrap().unwrap();
     assert_eq!(t.status, TaskStatus::Failed);
     assert!(t.result.is_none());
@@ -501,16 +502,18 @@ async fn the_reconciler_restores_what_redis_lost(pool: PgPool) {
     }
     // One task waits out a retry.
     let waiting = submit(&svc, json!({"model": "other", "prompt": "x"})).await;
-    svc.store
+    let claim = svc
+        .store
         .claim(&[waiting], Duration::from_secs(30))
         .await
-        .unwrap();
+        .unwrap()[0]
+        .claim;
     let run_at = Utc::now() + chrono::Duration::seconds(60);
     let retry = queue_core::store::Finish::Retry {
         error: "boom".into(),
         run_at,
     };
-    assert!(svc.store.finish(waiting, 1, &retry).await.unwrap());
+    assert!(svc.store.finish(waiting, claim, &retry).await.unwrap());
 
     svc.queue.purge().await.unwrap(); // Redis lost everything.
     let mut sweeper = Sweeper::new(2); // small pages: the walk spans several
@@ -713,15 +716,23 @@ async fn retention_deletes_exactly_the_old_finished_tasks(pool: PgPool) {
             submit(&svc, json!({"model": "sim", "prompt": kind})).await,
         );
     }
+    let mut claims = std::collections::HashMap::new();
     for kind in ["old-done", "new-done", "old-running"] {
-        svc.store
+        let claimed = svc
+            .store
             .claim(&[by_kind[kind]], Duration::from_secs(300))
             .await
             .unwrap();
+        claims.insert(kind, claimed[0].claim);
     }
     for kind in ["old-done", "new-done"] {
         let done = queue_core::store::Finish::Succeeded { result: json!({}) };
-        assert!(svc.store.finish(by_kind[kind], 1, &done).await.unwrap());
+        assert!(
+            svc.store
+                .finish(by_kind[kind], claims[kind], &done)
+                .await
+                .unwrap()
+        );
     }
     // Age everything by ten days (a fixture: only the clock is faked).
     sqlx::query("UPDATE tasks SET created_at = created_at - interval '10 days', finished_at = finished_at - interval '10 days' WHERE id <> $1")
@@ -765,12 +776,14 @@ async fn retention_keeps_a_batch_while_any_of_its_tasks_remains(pool: PgPool) {
     let finish = |id| {
         let svc = svc.clone();
         async move {
-            svc.store
+            let claim = svc
+                .store
                 .claim(&[id], Duration::from_secs(300))
                 .await
-                .unwrap();
+                .unwrap()[0]
+                .claim;
             let done = queue_core::store::Finish::Succeeded { result: json!({}) };
-            assert!(svc.store.finish(id, 1, &done).await.unwrap());
+            assert!(svc.store.finish(id, claim, &done).await.unwrap());
         }
     };
     let age_everything = || async {

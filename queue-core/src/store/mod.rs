@@ -19,7 +19,7 @@ pub use audit::AuditEntry;
 pub use keys::{KeyGrant, KeyRecord};
 pub use sweep::{Leader, Reaped, Waiting};
 pub use tasks::{
-    CancelOutcome, ClaimedTask, DeadFilter, ExistingKey, Finish, Redriven, TaskFilter,
+    CancelOutcome, Claim, ClaimedTask, DeadFilter, ExistingKey, Finish, Redriven, TaskFilter,
 };
 pub(crate) use tasks::{Inserted, Row};
 
@@ -43,6 +43,9 @@ pub struct Store {
     /// progress and the API's cancels, on connections of their own that
     /// plan each statement for its ids and the table as it is.
     by_id: PgPool,
+    /// Claims: planned like `by_id`, committed without waiting for the WAL
+    /// flush (see [`Store::claim`]).
+    claims: PgPool,
     /// Connections kept between statements by the loops that run one at a
     /// time (see [`held`]).
     held: Arc<Kept>,
@@ -53,7 +56,7 @@ pub struct Store {
 struct Kept {
     /// The API's group-commit writer.
     inserts: held::Held,
-    /// A worker's two fetchers (claims, on `by_id`).
+    /// A worker's two fetchers.
     claims: held::Held,
     /// A worker's completer, small batches.
     planned_once: held::Held,
@@ -91,11 +94,15 @@ fn pool_options(max: u32) -> PgPoolOptions {
 /// completer uses one at a time.
 pub const PLANNED_ONCE_CONNECTIONS: u32 = 4;
 
-/// Connections of [`Store::by_id`]: a worker's two fetchers and its
-/// completer (large batches and retries) keep one each, its heartbeat uses
-/// one at a time, with room for attempts that end one by one (failed,
-/// released) and for more workers sharing a store (tests do).
+/// Connections of [`Store::by_id`]: a worker's completer (large batches
+/// and retries, one kept) and its heartbeat each use one at a time, with
+/// room for attempts that end one by one (failed, released) and for more
+/// workers sharing a store (tests do).
 const BY_ID_CONNECTIONS: u32 = 6;
+
+/// Connections of [`Store::claims`]: a worker's two fetchers, each keeping
+/// one, and room for more workers sharing a store (tests do).
+const CLAIM_CONNECTIONS: u32 = 4;
 
 impl Store {
     /// Over `pool`; the reads and writes by id open their own connections
@@ -137,7 +144,9 @@ impl Store {
         let options = (*pool.connect_options())
             .clone()
             .options([("plan_cache_mode", "force_custom_plan")]);
-        let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options);
+        let by_id = pool_options(BY_ID_CONNECTIONS).connect_lazy_with(options.clone());
+        let claims = pool_options(CLAIM_CONNECTIONS)
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         // A slot keeps its connection out of the pool: the pool keeps at
         // least one for everything else.
         let slots = |pool: &PgPool, n: usize| {
@@ -148,7 +157,7 @@ impl Store {
         };
         let held = Arc::new(Kept {
             inserts: slots(&pool, 1),
-            claims: slots(&by_id, 2),
+            claims: slots(&claims, 2),
             planned_once: slots(&planned_once, 1),
             by_id: slots(&by_id, 1),
         });
@@ -156,6 +165,7 @@ impl Store {
             pool,
             planned_once,
             by_id,
+            claims,
             held,
         }
     }
@@ -213,6 +223,7 @@ impl Store {
         // into a slot already emptied, and the pool's close would wait for
         // it forever.
         let pools = [
+            self.claims.close(),
             self.planned_once.close(),
             self.by_id.close(),
             self.pool.close(),
@@ -274,32 +285,39 @@ mod tests {
 
     /// Each set of kept connections is of the pool its statements are
     /// written for: claims and large completions planned at each run, small
-    /// completions on one generic plan (see [`Store::new`]); and every
-    /// write waits for the WAL flush. (A claim that did not could be lost
-    /// in a crash of PostgreSQL while its worker ran on, and the next claim
-    /// would reuse its attempt number, which fences every write.)
+    /// completions on one generic plan (see [`Store::new`]). Submissions and
+    /// outcomes are on disk when they are answered; only a claim, which a
+    /// crash of PostgreSQL can lose without losing the task or letting a
+    /// stale worker write (see [`Store::claim`]), skips waiting for the
+    /// flush.
     #[sqlx::test(migrator = "crate::MIGRATOR")]
     async fn each_kept_set_runs_on_its_own_pool(pool: PgPool) {
         let store = Store::new(pool);
-        for (name, kept, plans) in [
-            ("inserts", &store.held.inserts, "auto"),
-            ("claims", &store.held.claims, "force_custom_plan"),
+        for (name, kept, plans, flush) in [
+            ("inserts", &store.held.inserts, "auto", "on"),
+            ("claims", &store.held.claims, "force_custom_plan", "off"),
             (
                 "small completions",
                 &store.held.planned_once,
                 "force_generic_plan",
+                "on",
             ),
-            ("other outcomes", &store.held.by_id, "force_custom_plan"),
+            (
+                "other outcomes",
+                &store.held.by_id,
+                "force_custom_plan",
+                "on",
+            ),
         ] {
             let mut conn = kept.acquire().await.unwrap();
-            let (mode, flush): (String, String) = sqlx::query_as(
+            let (mode, synchronous): (String, String) = sqlx::query_as(
                 "SELECT current_setting('plan_cache_mode'), current_setting('synchronous_commit')",
             )
             .fetch_one(&mut *conn)
             .await
             .unwrap();
             assert_eq!(mode, plans, "{name}");
-            assert_eq!(flush, "on", "{name}");
+            assert_eq!(synchronous, flush, "{name}");
             conn.keep();
         }
         tokio::time::timeout(Duration::from_secs(10), store.close())

@@ -158,6 +158,25 @@ fn history_sql() -> String {
     )
 }
 
+/// The token a claim writes into its task's row. Every later write of the
+/// attempt (lease renewals, progress, the outcome) is fenced on it, so a
+/// worker that lost its task (its lease lapsed and another claim took it, or
+/// its claim was lost in a crash of PostgreSQL: see [`Store::claim`]) cannot
+/// write over the claim that holds it now. Unlike the attempt number, which
+/// fenced these writes before, a token is never reused: a claim that a
+/// crash loses and the claim after it share their attempt number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct Claim(pub Uuid);
+
+impl Claim {
+    /// A token of its own for each claim statement (random: tokens of
+    /// different workers never meet).
+    fn new() -> Claim {
+        Claim(Uuid::new_v4())
+    }
+}
+
 /// A task a worker now holds, with what it needs to run it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ClaimedTask {
@@ -169,9 +188,11 @@ pub struct ClaimedTask {
     pub priority: i16,
     pub input: Json<Input>,
     pub params: Json<Map<String, Value>>,
-    /// This attempt's number (1-based): the fence on every later write.
+    /// This attempt's number (1-based).
     pub attempts: i32,
     pub max_attempts: i32,
+    /// This claim's token: the fence on every later write of the attempt.
+    pub claim: Claim,
     /// 1, and one more per re-drive from the dead letters.
     pub run: i32,
     /// The client opted into the result cache.
@@ -444,10 +465,15 @@ impl Store {
     /// duplicate id in Redis harmless. A scheduled task is claimable once it
     /// is due (with a second of grace for clock skew between hosts).
     ///
-    /// Committed with the WAL flush like every write: a claim lost in a
-    /// crash of PostgreSQL would let the next claim reuse its attempt
-    /// number, and the attempt number is what fences every write of the
-    /// worker still running it (BENCHMARKS.md, 2026-12-04 fourth session).
+    /// Committed without waiting for the WAL flush (the `claims`
+    /// connections' `synchronous_commit = off`): a claim lost in a crash of
+    /// PostgreSQL itself leaves the task queued, and the reconciler
+    /// dispatches it again, as after a worker's crash. The worker still
+    /// running it cannot write over the next claim, whose token differs
+    /// ([`Claim`]), and any outcome it does record is committed
+    /// synchronously, which flushes its claim first. Such an attempt is not
+    /// counted (its claim is gone with the crash). BENCHMARKS.md (2026-12-05)
+    /// has what it is worth.
     pub async fn claim(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<ClaimedTask>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -456,41 +482,43 @@ impl Store {
         let rows = sqlx::query_as::<_, ClaimedTask>(
             "WITH claimed AS (
                 UPDATE tasks
-                   SET status = 'running', attempts = attempts + 1, run_at = NULL,
+                   SET status = 'running', attempts = attempts + 1, run_at = NULL, claim = $3,
                        started_at = coalesce(started_at, now()), attempt_started_at = now(),
                        lease_until = now() + make_interval(secs => $2)
                  WHERE id = ANY($1)
                    AND (status = 'queued'
                         OR (status = 'scheduled' AND run_at <= now() + interval '1 second')) IS TRUE
-             RETURNING id, tenant, batch_id, model, priority, input, params, attempts, max_attempts, cache, created_at, run
+             RETURNING id, tenant, batch_id, model, priority, input, params, attempts, max_attempts, claim, cache, created_at, run
              )
              SELECT * FROM claimed",
         )
         .bind(ids)
         .bind(lease.as_secs_f64())
+        .bind(Claim::new())
         .fetch_all(&mut *conn)
         .await?;
         conn.keep();
         Ok(rows)
     }
 
-    /// Records how attempt `attempt` of task `id` ended. Fenced: it changes
-    /// nothing unless that attempt still holds the task (running, same
-    /// attempt number), so a worker whose lease lapsed cannot overwrite the
-    /// attempt that replaced it. Returns whether the write took effect.
-    pub async fn finish(&self, id: Uuid, attempt: i32, finish: &Finish) -> Result<bool> {
+    /// Records how the attempt that `claim` started on task `id` ended.
+    /// Fenced: it changes nothing unless that claim still holds the task
+    /// (running, same token), so a worker whose lease lapsed cannot
+    /// overwrite the attempt that replaced it. Returns whether the write
+    /// took effect.
+    pub async fn finish(&self, id: Uuid, claim: Claim, finish: &Finish) -> Result<bool> {
         let query = match finish {
             Finish::Succeeded { result } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'succeeded', result = $3, error = NULL, progress = NULL,
                                      finished_at = now(), lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
+                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
                  RETURNING id
                  )
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(attempt)
+            .bind(claim)
             .bind(result),
             // The store, not only the caller, refuses a retry past
             // max_attempts: such a retry becomes the dead letter it must be.
@@ -501,7 +529,7 @@ impl Store {
                            run_at = CASE WHEN attempts >= max_attempts THEN NULL ELSE $4 END,
                            finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                            error = $3, lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
+                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
                  RETURNING id, run, attempts, attempt_started_at, status
                  ), h AS (
                     INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -511,24 +539,24 @@ impl Store {
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(attempt)
+            .bind(claim)
             .bind(error)
             .bind(run_at),
             Finish::Failed { error } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'failed', error = $3, finished_at = now(), lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
+                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
                  RETURNING id
                  )
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(attempt)
+            .bind(claim)
             .bind(error),
             Finish::Released { reason } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'queued', attempts = attempts - 1, lease_until = NULL
-                     WHERE id = $1 AND attempts = $2 AND (status = 'running') IS TRUE
+                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
                  RETURNING id, run, attempts + 1 AS attempt, attempt_started_at
                  ), h AS (
                     INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -537,7 +565,7 @@ impl Store {
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(attempt)
+            .bind(claim)
             .bind(reason),
         };
         let n: i64 = query.fetch_one(&self.by_id).await?.try_get(0)?;
@@ -546,12 +574,12 @@ impl Store {
 
     /// Records how far running attempts have got (tokens streamed so far),
     /// in one statement; fenced like every other write of an attempt.
-    pub async fn record_progress(&self, progress: &[(Uuid, i32, Value)]) -> Result<()> {
+    pub async fn record_progress(&self, progress: &[(Uuid, Claim, Value)]) -> Result<()> {
         if progress.is_empty() {
             return Ok(());
         }
         let ids: Vec<Uuid> = progress.iter().map(|p| p.0).collect();
-        let attempts: Vec<i32> = progress.iter().map(|p| p.1).collect();
+        let claims: Vec<Uuid> = progress.iter().map(|p| p.1.0).collect();
         let values: Vec<&Value> = progress.iter().map(|p| &p.2).collect();
         // Skips rows another statement holds, like `renew_leases`: progress
         // is a hint, and waiting could deadlock with a batch of completions.
@@ -560,11 +588,11 @@ impl Store {
                 SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED
              )
              UPDATE tasks t SET progress = u.progress
-               FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, progress), free
-              WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND (t.status = 'running') IS TRUE",
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[]) AS u(id, claim, progress), free
+              WHERE t.id = u.id AND t.id = free.id AND t.claim = u.claim AND (t.status = 'running') IS TRUE",
         )
         .bind(&ids)
-        .bind(&attempts)
+        .bind(&claims)
         .bind(&values)
         .execute(&self.by_id)
         .await?;
@@ -605,11 +633,11 @@ impl Store {
     /// one statement. Returns the ids whose lease was extended: a task
     /// missing from the answer is no longer this attempt's (cancelled, or
     /// its lease lapsed and another attempt took it), so its worker stops.
-    pub async fn renew_leases(&self, held: &[(Uuid, i32)], lease: Duration) -> Result<Vec<Uuid>> {
+    pub async fn renew_leases(&self, held: &[(Uuid, Claim)], lease: Duration) -> Result<Vec<Uuid>> {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = held.iter().copied().unzip();
+        let (ids, claims): (Vec<Uuid>, Vec<Uuid>) = held.iter().map(|h| (h.0, h.1.0)).unzip();
         // Rows another statement holds (a batch of completions, most
         // likely) are skipped, not waited for: this statement and that one
         // lock their rows in no particular order, and waiting could
@@ -621,8 +649,8 @@ impl Store {
                 SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED
              ), renewed AS (
                 UPDATE tasks t SET lease_until = now() + make_interval(secs => $3)
-                  FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, attempt), free
-                 WHERE t.id = u.id AND t.id = free.id AND t.attempts = u.attempt AND (t.status = 'running') IS TRUE
+                  FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, claim), free
+                 WHERE t.id = u.id AND t.id = free.id AND t.claim = u.claim AND (t.status = 'running') IS TRUE
              RETURNING t.id
              )
              SELECT id FROM renewed
@@ -630,7 +658,7 @@ impl Store {
              SELECT id FROM tasks WHERE id = ANY($1) AND id NOT IN (SELECT id FROM free)",
         )
         .bind(&ids)
-        .bind(&attempts)
+        .bind(&claims)
         .bind(lease.as_secs_f64())
         .fetch_all(&self.by_id)
         .await?)
@@ -642,27 +670,27 @@ impl Store {
     /// whose write took effect, with the status each now has.
     pub async fn finish_retry_many(
         &self,
-        retries: &[(Uuid, i32, &str, DateTime<Utc>)],
+        retries: &[(Uuid, Claim, &str, DateTime<Utc>)],
     ) -> Result<Vec<(Uuid, TaskStatus)>> {
         if retries.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = retries.iter().map(|r| r.0).collect();
-        let attempts: Vec<i32> = retries.iter().map(|r| r.1).collect();
+        let claims: Vec<Uuid> = retries.iter().map(|r| r.1.0).collect();
         let errors: Vec<&str> = retries.iter().map(|r| r.2).collect();
         let run_at: Vec<DateTime<Utc>> = retries.iter().map(|r| r.3).collect();
         let mut conn = self.held.by_id.acquire().await?;
         let rows = sqlx::query_as(
             "WITH u AS (
-                SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[])
-                           AS u(id, attempt, error, run_at)
+                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[])
+                           AS u(id, claim, error, run_at)
              ), t AS (
                 UPDATE tasks SET
                        status = CASE WHEN tasks.attempts >= tasks.max_attempts THEN 'failed' ELSE 'scheduled' END,
                        run_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN NULL ELSE u.run_at END,
                        finished_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN now() END,
                        error = u.error, lease_until = NULL
-                  FROM u WHERE tasks.id = u.id AND tasks.attempts = u.attempt AND (tasks.status = 'running') IS TRUE
+                  FROM u WHERE tasks.id = u.id AND tasks.claim = u.claim AND (tasks.status = 'running') IS TRUE
              RETURNING tasks.id, tasks.run, tasks.attempts, tasks.attempt_started_at, tasks.status, u.error
              ), h AS (
                 INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -672,7 +700,7 @@ impl Store {
              SELECT id, status FROM t",
         )
         .bind(&ids)
-        .bind(&attempts)
+        .bind(&claims)
         .bind(&errors)
         .bind(&run_at)
         .fetch_all(&mut *conn)
@@ -695,14 +723,14 @@ impl Store {
     /// completion on the generic plan, W1's drain measured 7,905 jobs/s
     /// against 21,410 to 22,926 for the builds before and after in the same
     /// slow hour: a 512-task completion is 262,144 pairs).
-    pub async fn finish_succeeded_many(&self, done: &[(Uuid, i32, &Value)]) -> Result<Vec<Uuid>> {
+    pub async fn finish_succeeded_many(&self, done: &[(Uuid, Claim, &Value)]) -> Result<Vec<Uuid>> {
         /// The most written with the generic plan: 64 pairs.
         const PLANNED_ONCE_UP_TO: usize = 8;
         if done.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = done.iter().map(|d| d.0).collect();
-        let attempts: Vec<i32> = done.iter().map(|d| d.1).collect();
+        let claims: Vec<Uuid> = done.iter().map(|d| d.1.0).collect();
         let results: Vec<&Value> = done.iter().map(|d| d.2).collect();
         let mut conn = if done.len() <= PLANNED_ONCE_UP_TO {
             self.held.planned_once.acquire().await?
@@ -711,18 +739,18 @@ impl Store {
         };
         let ids = sqlx::query_scalar(
             "WITH u AS (
-                SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::jsonb[]) AS u(id, attempt, result)
+                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[]) AS u(id, claim, result)
              ), t AS (
                 UPDATE tasks SET status = 'succeeded', result = u.result, error = NULL, progress = NULL,
                                  finished_at = now(), lease_until = NULL
-                  FROM u WHERE tasks.id = ANY($1) AND tasks.id = u.id AND tasks.attempts = u.attempt
+                  FROM u WHERE tasks.id = ANY($1) AND tasks.id = u.id AND tasks.claim = u.claim
                    AND (tasks.status = 'running') IS TRUE
              RETURNING tasks.id
              )
              SELECT id FROM t",
         )
         .bind(&ids)
-        .bind(&attempts)
+        .bind(&claims)
         .bind(&results)
         .fetch_all(&mut *conn)
         .await?;
