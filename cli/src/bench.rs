@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Do not have PostgreSQL write out its dirty pages (`CHECKPOINT`)
+    /// before each timed phase.
+    #[arg(long)]
+    no_checkpoint: bool,
 }
 
 /// Workload sizes.
@@ -125,6 +129,7 @@ struct Rig {
     port: u16,
     http: reqwest::Client,
     logs: PathBuf,
+    checkpoint: bool,
 }
 
 struct Proc {
@@ -167,6 +172,22 @@ impl Proc {
 }
 
 impl Rig {
+    /// Before a timed phase: PostgreSQL writes out what earlier phases left
+    /// dirty, so a phase does not pay for the one before it (W5's drain,
+    /// for one, otherwise runs inside the checkpoint that its million-task
+    /// enqueue started, and W2 inside W1's). A server that refuses (no
+    /// superuser or `pg_checkpoint`) is reported and the phase runs anyway.
+    async fn checkpoint(&self) {
+        if !self.checkpoint {
+            return;
+        }
+        let t = Instant::now();
+        match queue_core::store::Store::checkpoint(&self.database_url).await {
+            Ok(()) => eprintln!("bench: CHECKPOINT {:.1} s", t.elapsed().as_secs_f64()),
+            Err(e) => eprintln!("bench: could not CHECKPOINT ({e}); going on"),
+        }
+    }
+
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -404,6 +425,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             .pool_max_idle_per_host(256)
             .build()?,
         logs: logs.clone(),
+        checkpoint: !args.no_checkpoint,
     };
     let wanted =
         |w: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(w));
@@ -482,6 +504,7 @@ async fn workloads(
         let n = sizes.w1_jobs;
         let api = rig.api().await?;
         let bodies = batch_bodies(n, n, &job("w1", None))?;
+        rig.checkpoint().await;
         let t = Instant::now();
         let batch = rig.enqueue(&bodies).await?;
         row(
@@ -489,6 +512,7 @@ async fn workloads(
             &format!("enqueue {n}, POST /batches"),
             rate(n, t.elapsed().as_secs_f64()),
         );
+        rig.checkpoint().await;
         let worker = rig.worker("w1", &[])?;
         let done = rig.completed(&batch[0], Duration::from_secs(600)).await?;
         let drain = seconds_between(&done["started_at"], &done["completed_at"])?;
@@ -500,6 +524,7 @@ async fn workloads(
         let worker_rss = worker.peak_rss_mib();
         worker.stop().await;
         let count = n.to_string();
+        rig.checkpoint().await;
         let s = rig
             .load(&[
                 "--connections",
@@ -524,6 +549,7 @@ async fn workloads(
         let worker = rig.worker("w2", &[])?;
         for (rate, secs) in sizes.w2 {
             let (r, d) = (rate.to_string(), secs.to_string());
+            rig.checkpoint().await;
             let s = rig
                 .load(&[
                     "--rate",
@@ -571,6 +597,7 @@ async fn workloads(
         // process start's.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let bodies = batch_bodies(n, n, &job("w3", Some(json!({"fail_attempts": 2}))))?;
+        rig.checkpoint().await;
         let t = Instant::now();
         let batch = rig.enqueue(&bodies).await?;
         rig.completed(&batch[0], Duration::from_secs(600)).await?;
@@ -614,6 +641,7 @@ async fn workloads(
         let secs = sizes.w4_secs.to_string();
         for rate in sizes.w4_rates {
             let r = rate.to_string();
+            rig.checkpoint().await;
             let s = rig
                 .load(&["--rate", &r, "--duration", &secs, "--model", "w4"])
                 .await?;
@@ -623,6 +651,7 @@ async fn workloads(
                 submitted(&s),
             );
         }
+        rig.checkpoint().await;
         let s = rig
             .load(&["--connections", "64", "--duration", &secs, "--model", "w4"])
             .await?;
@@ -640,6 +669,7 @@ async fn workloads(
         let api = rig.api().await?;
         let top = sizes.w4_rates[sizes.w4_rates.len() - 1];
         let (t, cap) = (top.to_string(), W4_CAP.to_string());
+        rig.checkpoint().await;
         let s = rig
             .load(&[
                 "--rate",
@@ -669,6 +699,7 @@ async fn workloads(
         let (n, chunk) = (sizes.w5_backlog, sizes.w5_chunk);
         let api = rig.api().await?;
         let bodies = batch_bodies(n, chunk, &job("w5", None))?;
+        rig.checkpoint().await;
         let t = Instant::now();
         let batches = rig.enqueue(&bodies).await?;
         row(
@@ -677,6 +708,7 @@ async fn workloads(
             rate(n, t.elapsed().as_secs_f64()),
         );
         let secs = sizes.w4_secs.to_string();
+        rig.checkpoint().await;
         let s = rig
             .load(&["--rate", "1000", "--duration", &secs, "--model", "w5"])
             .await?;
@@ -686,6 +718,7 @@ async fn workloads(
             submitted(&s),
         );
         // FIFO: the first batch is the head of the backlog.
+        rig.checkpoint().await;
         let worker = rig.worker("w5", &[])?;
         let done = rig.completed(&batches[0], Duration::from_secs(600)).await?;
         let drain = seconds_between(&done["started_at"], &done["completed_at"])?;

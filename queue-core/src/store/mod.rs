@@ -205,6 +205,18 @@ impl Store {
         Ok(())
     }
 
+    /// Has the server at `url` write every dirty page out now (`CHECKPOINT`:
+    /// a superuser, or from PostgreSQL 15 on a member of `pg_checkpoint`).
+    /// For benchmarks: a timed phase should not pay for writing out what
+    /// the phase before it wrote.
+    pub async fn checkpoint(url: &str) -> Result<()> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+        conn.close().await?;
+        Ok(())
+    }
+
     /// Applies pending migrations. sqlx holds an advisory lock meanwhile, so
     /// several processes may call this at once.
     pub async fn migrate(&self) -> Result<()> {
