@@ -43,6 +43,10 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("migrations applied");
         return Ok(());
     }
+    if let Err(e) = store.open_api_connections().await {
+        // Opened on first use instead, as after an outage.
+        tracing::warn!(error = %e, "could not open connections ahead");
+    }
     let queue = Queue::connect(&cli.store).context("configuring Redis")?;
     let api = &cli.api;
     let tls = match (&api.tls_cert, &api.tls_key) {

@@ -32,6 +32,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     store.migrate().await.context("applying migrations")?;
+    if let Err(e) = store.open_worker_connections().await {
+        // The loops open them on first use, as they would after an outage.
+        tracing::warn!(error = %e, "could not open the kept connections ahead");
+    }
     let queue = Queue::connect(&cli.store).context("configuring Redis")?;
 
     let metrics = queue_core::telemetry::metrics();

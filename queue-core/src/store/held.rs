@@ -94,6 +94,35 @@ impl Held {
         })
     }
 
+    /// Opens a connection for every empty slot now (a slot in use is left
+    /// alone), so the loop's first statements do not wait for one.
+    pub(crate) async fn fill(&self) -> Result<()> {
+        for slot in self.slots.iter() {
+            let Ok(mut slot) = slot.try_lock() else {
+                continue;
+            };
+            if slot.is_none() {
+                let now = Instant::now();
+                *slot = Some(Kept {
+                    conn: self.pool.acquire().await?,
+                    taken: now,
+                    used: now,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// How many slots hold a connection.
+    #[cfg(test)]
+    pub(crate) async fn filled(&self) -> usize {
+        let mut n = 0;
+        for slot in self.slots.iter() {
+            n += usize::from(slot.lock().await.is_some());
+        }
+        n
+    }
+
     /// Closes the kept connections, waiting for those in use: the pool's
     /// `close` would otherwise wait for them forever.
     pub(crate) async fn close(&self) {

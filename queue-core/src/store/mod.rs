@@ -217,6 +217,29 @@ impl Store {
         Ok(())
     }
 
+    /// Opens the connections a worker keeps (its fetchers' claims, its
+    /// completer's writes) before its first task, not during it: opened on
+    /// first use, they put tens of milliseconds on the first tasks of a
+    /// worker that just started (BENCHMARKS.md, 2026-12-04 fifth session).
+    pub async fn open_worker_connections(&self) -> Result<()> {
+        self.held.claims.fill().await?;
+        self.held.planned_once.fill().await?;
+        self.held.by_id.fill().await
+    }
+
+    /// Likewise for the API: its group-commit writer's connection, and the
+    /// shared reader's (up to [`PLANNED_ONCE_CONNECTIONS`], opened together
+    /// and left idle in their pool).
+    pub async fn open_api_connections(&self) -> Result<()> {
+        self.held.inserts.fill().await?;
+        let open = self.planned_once.size();
+        let readers = (open..PLANNED_ONCE_CONNECTIONS).map(|_| self.planned_once.acquire());
+        for conn in futures::future::join_all(readers).await {
+            conn?;
+        }
+        Ok(())
+    }
+
     /// Applies pending migrations. sqlx holds an advisory lock meanwhile, so
     /// several processes may call this at once.
     pub async fn migrate(&self) -> Result<()> {
@@ -293,6 +316,44 @@ mod tests {
             .await
             .expect("the idle connection was pinged and replaced");
         assert_ne!(next, first);
+    }
+
+    /// A worker's and an API's connections are open before their first
+    /// statement, in the slots of the loops that keep them (or, for the
+    /// API's reader, idle in its pool); in one process that is both, the
+    /// second call takes what is left.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn connections_are_opened_ahead(pool: PgPool) {
+        let worker = Store::new(pool.clone());
+        worker.open_worker_connections().await.unwrap();
+        assert_eq!(worker.held.claims.filled().await, 2);
+        assert_eq!(worker.held.planned_once.filled().await, 1);
+        assert_eq!(worker.held.by_id.filled().await, 1);
+        let api = Store::new(pool.clone());
+        api.open_api_connections().await.unwrap();
+        assert_eq!(api.held.inserts.filled().await, 1);
+        assert_eq!(api.planned_once.size(), PLANNED_ONCE_CONNECTIONS);
+        crate::testkit::wait_for(
+            "the reader's connections idle in their pool",
+            Duration::from_secs(5),
+            || async {
+                (api.planned_once.num_idle() == PLANNED_ONCE_CONNECTIONS as usize).then_some(())
+            },
+        )
+        .await;
+        let both = Store::new(pool);
+        both.open_worker_connections().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), both.open_api_connections())
+            .await
+            .expect("takes only what is free")
+            .unwrap();
+        assert_eq!(both.planned_once.size(), PLANNED_ONCE_CONNECTIONS);
+        // Together: they share the test's pool, whose close waits for the
+        // connections every one of them keeps.
+        let closing = futures::future::join_all([worker.close(), api.close(), both.close()]);
+        tokio::time::timeout(Duration::from_secs(10), closing)
+            .await
+            .expect("closed");
     }
 
     /// Each set of kept connections is of the pool its statements are
