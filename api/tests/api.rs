@@ -630,7 +630,12 @@ async fn finish_unannounced(svc: &Service, id: uuid::Uuid) {
     let done = queue_core::store::Finish::Succeeded {
         result: json!({"text": "done"}),
     };
-    assert!(svc.store.finish(id, claimed[0].claim, &done).await.unwrap());
+    assert!(
+        svc.store
+            .finish(id, claimed[0].claim(), &done)
+            .await
+            .unwrap()
+    );
 }
 
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
@@ -1108,7 +1113,7 @@ async fn fail_one(api: &Api, model: &str, error: &str) -> uuid::Uuid {
         .claim(&[id], std::time::Duration::from_secs(30))
         .await
         .unwrap()[0]
-        .claim;
+        .claim();
     let failed = queue_core::store::Finish::Failed {
         error: error.into(),
     };

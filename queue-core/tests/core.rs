@@ -168,7 +168,10 @@ async fn a_stale_attempt_cannot_overwrite(pool: PgPool) {
     let stale = Finish::Succeeded {
         result: json!({"text": "late"}),
     };
-    let other = Claim(Uuid::new_v4());
+    let other = Claim {
+        token: Uuid::new_v4(),
+        ..claimed[0].claim()
+    };
     assert!(
         !svc.store.finish(id, other, &stale).await.unwrap(),
         "another claim's token"
@@ -176,7 +179,7 @@ async fn a_stale_attempt_cannot_overwrite(pool: PgPool) {
     let ok = Finish::Succeeded {
         result: json!({"text": "mine"}),
     };
-    let mine = claimed[0].claim;
+    let mine = claimed[0].claim();
     assert!(svc.store.finish(id, mine, &ok).await.unwrap());
     assert!(
         !svc.store.finish(id, mine, &ok).await.unwrap(),
@@ -218,7 +221,7 @@ async fn a_claim_lost_in_a_crash_cannot_write_over_the_next(pool: PgPool) {
         "the attempt number comes again"
     );
 
-    let stale = lost.claim;
+    let stale = lost.claim();
     assert!(
         svc.store
             .renew_leases(&[(id, stale)], lease)
@@ -257,7 +260,7 @@ async fn a_claim_lost_in_a_crash_cannot_write_over_the_next(pool: PgPool) {
     let result = json!({"text": "mine"});
     assert_eq!(
         svc.store
-            .finish_succeeded_many(&[(id, next.claim, &result)])
+            .finish_succeeded_many(&[(id, next.claim(), &result)])
             .await
             .unwrap(),
         vec![id]
@@ -265,6 +268,65 @@ async fn a_claim_lost_in_a_crash_cannot_write_over_the_next(pool: PgPool) {
     let (t, history) = svc.task(id).await.unwrap().unwrap();
     assert_eq!(t.result, Some(result));
     assert_eq!(history.len(), 1, "one attempt: the lost one never was");
+    svc.queue.purge().await.unwrap();
+}
+
+/// While workers from before migration 0008 still run, their claims
+/// leave the row's token as the last new claim wrote it: the attempt
+/// number, which their claims move on, still fences the new worker whose
+/// lease lapsed. A row such a worker claimed refuses every write of the
+/// new code.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn a_claim_by_a_worker_from_before_the_token_still_fences_a_stale_one(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let id = svc.submit(&task("normal")).await.unwrap().ids[0];
+    let stale = svc
+        .store
+        .claim(&[id], Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0)
+        .claim();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(svc.store.reap_expired(10).await.unwrap().len(), 1);
+    // The claim of the code before 0008, which knows no token.
+    sqlx::query(
+        "UPDATE tasks SET status = 'running', attempts = attempts + 1, run_at = NULL,
+                attempt_started_at = now(), lease_until = now() + interval '30 seconds'
+          WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let lease = Duration::from_secs(30);
+    assert!(
+        svc.store
+            .renew_leases(&[(id, stale)], lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let result = json!({"text": "stale"});
+    assert!(
+        svc.store
+            .finish_succeeded_many(&[(id, stale, &result)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let failed = Finish::Failed {
+        error: "stale".into(),
+    };
+    assert!(!svc.store.finish(id, stale, &failed).await.unwrap());
+    // Nor can any token with the right number write over that claim.
+    let guess = Claim {
+        token: Uuid::new_v4(),
+        attempt: stale.attempt + 1,
+    };
+    assert!(!svc.store.finish(id, guess, &failed).await.unwrap());
+    let (t, _) = svc.task(id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (TaskStatus::Running, 2));
     svc.queue.purge().await.unwrap();
 }
 
@@ -277,7 +339,7 @@ async fn release_does_not_charge_an_attempt(pool: PgPool) {
         .claim(&[id], Duration::from_secs(30))
         .await
         .unwrap()[0]
-        .claim;
+        .claim();
     assert!(
         svc.store
             .finish(
@@ -546,7 +608,7 @@ async fn lease_renewal_skips_a_row_another_statement_holds_instead_of_waiting(po
     let short = Duration::from_secs(5);
     let claimed = svc.store.claim(&[a, b], short).await.unwrap();
     assert_eq!(claimed.len(), 2);
-    let claim_of = |id: Uuid| claimed.iter().find(|t| t.id == id).unwrap().claim;
+    let claim_of = |id: Uuid| claimed.iter().find(|t| t.id == id).unwrap().claim();
     let (claim_a, claim_b) = (claim_of(a), claim_of(b));
     let lease_of = |id: Uuid| {
         let pool = pool.clone();
@@ -597,7 +659,16 @@ async fn lease_renewal_skips_a_row_another_statement_holds_instead_of_waiting(po
     let kept = svc
         .store
         .renew_leases(
-            &[(b, claim_b), (a, Claim(Uuid::new_v4()))],
+            &[
+                (b, claim_b),
+                (
+                    a,
+                    Claim {
+                        token: Uuid::new_v4(),
+                        ..claim_a
+                    },
+                ),
+            ],
             Duration::from_secs(60),
         )
         .await
@@ -656,7 +727,7 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
     let id = svc.submit(&two).await.unwrap().ids[0];
     assert_eq!(attempts_of(&svc, id).await, vec![]);
 
-    let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
+    let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim();
     assert_eq!(attempts_of(&svc, id).await, vec![(1, 1, None, None, false)]);
     let released = Finish::Released {
         reason: "shutdown".into(),
@@ -666,7 +737,7 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
     assert_eq!(attempts_of(&svc, id).await, want);
 
     // The released attempt is not charged: the next one is attempt 1 again.
-    let again = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
+    let again = svc.store.claim(&[id], lease).await.unwrap()[0].claim();
     assert_ne!(again, claim, "the same attempt number, a new token");
     let retry = Finish::Retry {
         error: "e1".into(),
@@ -695,7 +766,7 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
     };
     assert_eq!(svc.store.redrive(&only, 10).await.unwrap().len(), 1);
     assert_eq!(attempts_of(&svc, id).await, want);
-    let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
+    let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim();
     let result = json!({"text": "ok"});
     assert_eq!(
         svc.store
@@ -743,7 +814,7 @@ async fn history_lists_every_attempt_in_order_however_each_ended(pool: PgPool) {
     // What this layout is for: a task that succeeds at once writes no
     // attempt row, only its claim and its completion.
     let c = svc.submit(&task("normal")).await.unwrap().ids[0];
-    let claim = svc.store.claim(&[c], lease).await.unwrap()[0].claim;
+    let claim = svc.store.claim(&[c], lease).await.unwrap()[0].claim();
     svc.store
         .finish_succeeded_many(&[(c, claim, &result)])
         .await
@@ -883,7 +954,7 @@ async fn statements_by_id_keep_primary_key_plans_as_the_table_grows(pool: PgPool
         let n = ids.len();
         let claimed = store.claim(ids, lease).await.unwrap();
         assert_eq!(claimed.len(), n);
-        let held: Vec<(Uuid, Claim)> = claimed.iter().map(|t| (t.id, t.claim)).collect();
+        let held: Vec<(Uuid, Claim)> = claimed.iter().map(|t| (t.id, t.claim())).collect();
         assert_eq!(store.renew_leases(&held, lease).await.unwrap().len(), n);
         let progress: Vec<(Uuid, Claim, serde_json::Value)> = held
             .iter()
@@ -899,19 +970,19 @@ async fn statements_by_id_keep_primary_key_plans_as_the_table_grows(pool: PgPool
         assert_eq!(again.len(), n);
         let result = json!({"text": "r"});
         let done: Vec<(Uuid, Claim, &serde_json::Value)> =
-            again.iter().map(|t| (t.id, t.claim, &result)).collect();
+            again.iter().map(|t| (t.id, t.claim(), &result)).collect();
         assert_eq!(store.finish_succeeded_many(&done).await.unwrap().len(), n);
     }
     /// One task released, claimed again and failed; another cancelled.
     async fn single_ones(svc: &queue_core::Service) {
         let lease = Duration::from_secs(30);
         let id = svc.submit(&task("normal")).await.unwrap().ids[0];
-        let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
+        let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim();
         let released = Finish::Released {
             reason: "shutdown".into(),
         };
         assert!(svc.store.finish(id, claim, &released).await.unwrap());
-        let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim;
+        let claim = svc.store.claim(&[id], lease).await.unwrap()[0].claim();
         let failed = Finish::Failed {
             error: "bad".into(),
         };

@@ -698,7 +698,7 @@ impl Fetcher {
                 inner.in_flight.lock().expect("lock").insert(
                     task.id,
                     InFlight {
-                        claim: task.claim,
+                        claim: task.claim(),
                         stop: CancellationToken::new(),
                         progress: Arc::default(),
                         progress_written: 0,
@@ -833,7 +833,10 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
         };
         let map = inner.in_flight.lock().expect("lock");
         for id in lost {
-            if let Some(f) = map.get(&id) {
+            // Only the attempt asked about: one that ended meanwhile may
+            // have been replaced here by a new claim of the same task.
+            let asked = held.iter().find(|(h, _)| *h == id).map(|(_, c)| *c);
+            if let Some(f) = map.get(&id).filter(|f| Some(f.claim) == asked) {
                 tracing::info!(task_id = %id, "task cancelled or taken over; stopping its attempt");
                 f.stop.cancel();
             }
@@ -940,7 +943,7 @@ async fn run_attempt(inner: Arc<Inner>, task: ClaimedTask, held: Held) {
 /// that one must keep its lease renewals and cancel checks.
 fn forget(inner: &Inner, task: &ClaimedTask) {
     let mut map = inner.in_flight.lock().expect("lock");
-    if map.get(&task.id).is_some_and(|f| f.claim == task.claim) {
+    if map.get(&task.id).is_some_and(|f| f.claim == task.claim()) {
         map.remove(&task.id);
     }
     metrics::gauge!("inferq_worker_in_flight").decrement(1.0);
@@ -1109,7 +1112,7 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
                 id: task.id,
                 queue: task.model.clone(),
                 priority: Priority::from_band(task.priority).unwrap_or(Priority::Normal),
-                claim: task.claim,
+                claim: task.claim(),
                 batch_id: task.batch_id,
                 ended,
                 reply,
@@ -1129,7 +1132,7 @@ async fn record(inner: &Inner, task: &ClaimedTask, finish: Finish) {
 
 /// Writes a failure or a release on its own, then tells Redis.
 async fn record_alone(inner: &Inner, task: &ClaimedTask, finish: Finish) {
-    let write = || inner.store.finish(task.id, task.claim, &finish);
+    let write = || inner.store.finish(task.id, task.claim(), &finish);
     let held = match write
         .retry(io_backoff())
         .when(queue_core::Error::is_unavailable)

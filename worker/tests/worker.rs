@@ -486,7 +486,7 @@ async fn a_lapsed_lease_is_reaped_and_the_lost_attempt_counts(pool: PgPool) {
     let late = queue_core::store::Finish::Succeeded {
         result: json!({"text": "late"}),
     };
-    assert!(!svc.store.finish(id, last.claim, &late).await.unwrap());
+    assert!(!svc.store.finish(id, last.claim(), &late).await.unwrap());
     let (t, _) = svc.task(id).await.unwrap().unwrap();
     assert_eq!(t.status, TaskStatus::Failed);
     assert!(t.result.is_none());
@@ -507,7 +507,7 @@ async fn the_reconciler_restores_what_redis_lost(pool: PgPool) {
         .claim(&[waiting], Duration::from_secs(30))
         .await
         .unwrap()[0]
-        .claim;
+        .claim();
     let run_at = Utc::now() + chrono::Duration::seconds(60);
     let retry = queue_core::store::Finish::Retry {
         error: "boom".into(),
@@ -723,7 +723,7 @@ async fn retention_deletes_exactly_the_old_finished_tasks(pool: PgPool) {
             .claim(&[by_kind[kind]], Duration::from_secs(300))
             .await
             .unwrap();
-        claims.insert(kind, claimed[0].claim);
+        claims.insert(kind, claimed[0].claim());
     }
     for kind in ["old-done", "new-done"] {
         let done = queue_core::store::Finish::Succeeded { result: json!({}) };
@@ -781,7 +781,7 @@ async fn retention_keeps_a_batch_while_any_of_its_tasks_remains(pool: PgPool) {
                 .claim(&[id], Duration::from_secs(300))
                 .await
                 .unwrap()[0]
-                .claim;
+                .claim();
             let done = queue_core::store::Finish::Succeeded { result: json!({}) };
             assert!(svc.store.finish(id, claim, &done).await.unwrap());
         }

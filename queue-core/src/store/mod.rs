@@ -39,9 +39,9 @@ pub struct Store {
     /// statement once and never plan a sequential scan (see
     /// [`Store::new`]).
     planned_once: PgPool,
-    /// The other writes of tasks by id: claims, outcomes, lease renewals,
-    /// progress and the API's cancels, on connections of their own that
-    /// plan each statement for its ids and the table as it is.
+    /// The other writes of tasks by id: outcomes, lease renewals, progress
+    /// and the API's cancels, on connections of their own that plan each
+    /// statement for its ids and the table as it is.
     by_id: PgPool,
     /// Claims: planned like `by_id`, committed without waiting for the WAL
     /// flush (see [`Store::claim`]).
@@ -106,7 +106,9 @@ const CLAIM_CONNECTIONS: u32 = 4;
 
 impl Store {
     /// Over `pool`; the reads and writes by id open their own connections
-    /// to the same server, when first needed.
+    /// to the same server, when first needed (the binaries open the ones
+    /// they keep at startup: [`Store::open_worker_connections`],
+    /// [`Store::open_api_connections`]).
     pub fn new(pool: PgPool) -> Store {
         // A prepared statement is planned for its parameters at each run
         // while that looks cheaper than one generic plan, which for reads

@@ -1,9 +1,11 @@
 //! Task rows: insert, claim, finish, cancel, read.
 //!
-//! Writes of tasks by id (claims, outcomes, lease renewals, progress,
-//! cancels) run on the store's `by_id` connections, which plan them at each
-//! run, but for completions of a few tasks, which run with one generic plan
-//! on the connections the reads use (see [`Store::finish_succeeded_many`]).
+//! Writes of tasks by id (outcomes, lease renewals, progress, cancels) run
+//! on the store's `by_id` connections, which plan them at each run, claims
+//! on connections planned alike that commit without waiting for the WAL
+//! flush (see [`Store::claim`]), and completions of a few tasks with one
+//! generic plan on the connections the reads use (see
+//! [`Store::finish_succeeded_many`]).
 //! Where their status test could match a partial index's predicate it is
 //! written `(...) IS TRUE`: the same test for a `NOT NULL` column, but one
 //! the planner of PostgreSQL 15 cannot match (a newer planner may learn
@@ -158,23 +160,19 @@ fn history_sql() -> String {
     )
 }
 
-/// The token a claim writes into its task's row. Every later write of the
-/// attempt (lease renewals, progress, the outcome) is fenced on it, so a
-/// worker that lost its task (its lease lapsed and another claim took it, or
-/// its claim was lost in a crash of PostgreSQL: see [`Store::claim`]) cannot
-/// write over the claim that holds it now. Unlike the attempt number, which
-/// fenced these writes before, a token is never reused: a claim that a
-/// crash loses and the claim after it share their attempt number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
-#[sqlx(transparent)]
-pub struct Claim(pub Uuid);
-
-impl Claim {
-    /// A token of its own for each claim statement (random: tokens of
-    /// different workers never meet).
-    fn new() -> Claim {
-        Claim(Uuid::new_v4())
-    }
+/// What fences every write of one attempt (lease renewals, progress, the
+/// outcome): the token its claim wrote into the task's row, and its attempt
+/// number. A worker that lost its task (its lease lapsed and another claim
+/// took it, or its claim was lost in a crash of PostgreSQL: see
+/// [`Store::claim`]) cannot write over the claim that holds it now. The
+/// number alone is not enough: a claim that a crash loses and the claim
+/// after it share theirs. The token alone is not either, while workers
+/// from before migration 0008 run: their claims leave the row's token as
+/// it was, so the number must have moved on too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Claim {
+    pub token: Uuid,
+    pub attempt: i32,
 }
 
 /// A task a worker now holds, with what it needs to run it.
@@ -191,14 +189,25 @@ pub struct ClaimedTask {
     /// This attempt's number (1-based).
     pub attempts: i32,
     pub max_attempts: i32,
-    /// This claim's token: the fence on every later write of the attempt.
-    pub claim: Claim,
+    /// The token this claim wrote (see [`Claim`]).
+    #[sqlx(rename = "claim")]
+    pub token: Uuid,
     /// 1, and one more per re-drive from the dead letters.
     pub run: i32,
     /// The client opted into the result cache.
     pub cache: bool,
     /// Orders the task within its band when it goes back to the queue.
     pub created_at: DateTime<Utc>,
+}
+
+impl ClaimedTask {
+    /// The fence on every later write of this attempt.
+    pub fn claim(&self) -> Claim {
+        Claim {
+            token: self.token,
+            attempt: self.attempts,
+        }
+    }
 }
 
 /// How an attempt ended.
@@ -472,8 +481,8 @@ impl Store {
     /// running it cannot write over the next claim, whose token differs
     /// ([`Claim`]), and any outcome it does record is committed
     /// synchronously, which flushes its claim first. Such an attempt is not
-    /// counted (its claim is gone with the crash). BENCHMARKS.md (2026-12-05)
-    /// has what it is worth.
+    /// counted (its claim is gone with the crash). BENCHMARKS.md
+    /// (2026-12-04, fifth session) has what it is worth.
     pub async fn claim(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<ClaimedTask>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -494,7 +503,8 @@ impl Store {
         )
         .bind(ids)
         .bind(lease.as_secs_f64())
-        .bind(Claim::new())
+        // One token per statement: random, so no two claims share one.
+        .bind(Uuid::new_v4())
         .fetch_all(&mut *conn)
         .await?;
         conn.keep();
@@ -503,23 +513,24 @@ impl Store {
 
     /// Records how the attempt that `claim` started on task `id` ended.
     /// Fenced: it changes nothing unless that claim still holds the task
-    /// (running, same token), so a worker whose lease lapsed cannot
-    /// overwrite the attempt that replaced it. Returns whether the write
-    /// took effect.
+    /// (running, same token and attempt number), so a worker whose lease
+    /// lapsed cannot overwrite the attempt that replaced it. Returns
+    /// whether the write took effect.
     pub async fn finish(&self, id: Uuid, claim: Claim, finish: &Finish) -> Result<bool> {
         let query = match finish {
             Finish::Succeeded { result } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'succeeded', result = $3, error = NULL, progress = NULL,
                                      finished_at = now(), lease_until = NULL
-                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
+                     WHERE id = $1 AND claim = $2 AND attempts = $4 AND (status = 'running') IS TRUE
                  RETURNING id
                  )
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(claim)
-            .bind(result),
+            .bind(claim.token)
+            .bind(result)
+            .bind(claim.attempt),
             // The store, not only the caller, refuses a retry past
             // max_attempts: such a retry becomes the dead letter it must be.
             Finish::Retry { error, run_at } => sqlx::query(
@@ -529,7 +540,7 @@ impl Store {
                            run_at = CASE WHEN attempts >= max_attempts THEN NULL ELSE $4 END,
                            finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
                            error = $3, lease_until = NULL
-                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
+                     WHERE id = $1 AND claim = $2 AND attempts = $5 AND (status = 'running') IS TRUE
                  RETURNING id, run, attempts, attempt_started_at, status
                  ), h AS (
                     INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -539,24 +550,27 @@ impl Store {
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(claim)
+            .bind(claim.token)
             .bind(error)
-            .bind(run_at),
+            .bind(run_at)
+            .bind(claim.attempt),
             Finish::Failed { error } => sqlx::query(
                 "WITH t AS (
                     UPDATE tasks SET status = 'failed', error = $3, finished_at = now(), lease_until = NULL
-                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
+                     WHERE id = $1 AND claim = $2 AND attempts = $4 AND (status = 'running') IS TRUE
                  RETURNING id
                  )
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(claim)
-            .bind(error),
+            .bind(claim.token)
+            .bind(error)
+            .bind(claim.attempt),
             Finish::Released { reason } => sqlx::query(
                 "WITH t AS (
-                    UPDATE tasks SET status = 'queued', attempts = attempts - 1, lease_until = NULL
-                     WHERE id = $1 AND claim = $2 AND (status = 'running') IS TRUE
+                    UPDATE tasks SET status = 'queued', attempts = attempts - 1, lease_until = NULL,
+                                     claim = NULL
+                     WHERE id = $1 AND claim = $2 AND attempts = $4 AND (status = 'running') IS TRUE
                  RETURNING id, run, attempts + 1 AS attempt, attempt_started_at
                  ), h AS (
                     INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -565,8 +579,9 @@ impl Store {
                  SELECT count(*) FROM t",
             )
             .bind(id)
-            .bind(claim)
-            .bind(reason),
+            .bind(claim.token)
+            .bind(reason)
+            .bind(claim.attempt),
         };
         let n: i64 = query.fetch_one(&self.by_id).await?.try_get(0)?;
         Ok(n == 1)
@@ -579,7 +594,8 @@ impl Store {
             return Ok(());
         }
         let ids: Vec<Uuid> = progress.iter().map(|p| p.0).collect();
-        let claims: Vec<Uuid> = progress.iter().map(|p| p.1.0).collect();
+        let tokens: Vec<Uuid> = progress.iter().map(|p| p.1.token).collect();
+        let attempts: Vec<i32> = progress.iter().map(|p| p.1.attempt).collect();
         let values: Vec<&Value> = progress.iter().map(|p| &p.2).collect();
         // Skips rows another statement holds, like `renew_leases`: progress
         // is a hint, and waiting could deadlock with a batch of completions.
@@ -588,11 +604,13 @@ impl Store {
                 SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED
              )
              UPDATE tasks t SET progress = u.progress
-               FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[]) AS u(id, claim, progress), free
-              WHERE t.id = u.id AND t.id = free.id AND t.claim = u.claim AND (t.status = 'running') IS TRUE",
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::jsonb[]) AS u(id, claim, attempt, progress), free
+              WHERE t.id = u.id AND t.id = free.id AND t.claim = u.claim AND t.attempts = u.attempt
+                AND (t.status = 'running') IS TRUE",
         )
         .bind(&ids)
-        .bind(&claims)
+        .bind(&tokens)
+        .bind(&attempts)
         .bind(&values)
         .execute(&self.by_id)
         .await?;
@@ -637,7 +655,9 @@ impl Store {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let (ids, claims): (Vec<Uuid>, Vec<Uuid>) = held.iter().map(|h| (h.0, h.1.0)).unzip();
+        let ids: Vec<Uuid> = held.iter().map(|h| h.0).collect();
+        let tokens: Vec<Uuid> = held.iter().map(|h| h.1.token).collect();
+        let attempts: Vec<i32> = held.iter().map(|h| h.1.attempt).collect();
         // Rows another statement holds (a batch of completions, most
         // likely) are skipped, not waited for: this statement and that one
         // lock their rows in no particular order, and waiting could
@@ -649,8 +669,9 @@ impl Store {
                 SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED
              ), renewed AS (
                 UPDATE tasks t SET lease_until = now() + make_interval(secs => $3)
-                  FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, claim), free
-                 WHERE t.id = u.id AND t.id = free.id AND t.claim = u.claim AND (t.status = 'running') IS TRUE
+                  FROM UNNEST($1::uuid[], $2::uuid[], $4::int4[]) AS u(id, claim, attempt), free
+                 WHERE t.id = u.id AND t.id = free.id AND t.claim = u.claim AND t.attempts = u.attempt
+                   AND (t.status = 'running') IS TRUE
              RETURNING t.id
              )
              SELECT id FROM renewed
@@ -658,8 +679,9 @@ impl Store {
              SELECT id FROM tasks WHERE id = ANY($1) AND id NOT IN (SELECT id FROM free)",
         )
         .bind(&ids)
-        .bind(&claims)
+        .bind(&tokens)
         .bind(lease.as_secs_f64())
+        .bind(&attempts)
         .fetch_all(&self.by_id)
         .await?)
     }
@@ -676,21 +698,23 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = retries.iter().map(|r| r.0).collect();
-        let claims: Vec<Uuid> = retries.iter().map(|r| r.1.0).collect();
+        let tokens: Vec<Uuid> = retries.iter().map(|r| r.1.token).collect();
+        let attempts: Vec<i32> = retries.iter().map(|r| r.1.attempt).collect();
         let errors: Vec<&str> = retries.iter().map(|r| r.2).collect();
         let run_at: Vec<DateTime<Utc>> = retries.iter().map(|r| r.3).collect();
         let mut conn = self.held.by_id.acquire().await?;
         let rows = sqlx::query_as(
             "WITH u AS (
-                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[])
-                           AS u(id, claim, error, run_at)
+                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $5::int4[], $3::text[], $4::timestamptz[])
+                           AS u(id, claim, attempt, error, run_at)
              ), t AS (
                 UPDATE tasks SET
                        status = CASE WHEN tasks.attempts >= tasks.max_attempts THEN 'failed' ELSE 'scheduled' END,
                        run_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN NULL ELSE u.run_at END,
                        finished_at = CASE WHEN tasks.attempts >= tasks.max_attempts THEN now() END,
                        error = u.error, lease_until = NULL
-                  FROM u WHERE tasks.id = u.id AND tasks.claim = u.claim AND (tasks.status = 'running') IS TRUE
+                  FROM u WHERE tasks.id = u.id AND tasks.claim = u.claim AND tasks.attempts = u.attempt
+                   AND (tasks.status = 'running') IS TRUE
              RETURNING tasks.id, tasks.run, tasks.attempts, tasks.attempt_started_at, tasks.status, u.error
              ), h AS (
                 INSERT INTO task_attempts (task_id, run, attempt, started_at, finished_at, outcome, error)
@@ -700,9 +724,10 @@ impl Store {
              SELECT id, status FROM t",
         )
         .bind(&ids)
-        .bind(&claims)
+        .bind(&tokens)
         .bind(&errors)
         .bind(&run_at)
+        .bind(&attempts)
         .fetch_all(&mut *conn)
         .await?;
         conn.keep();
@@ -730,7 +755,8 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids: Vec<Uuid> = done.iter().map(|d| d.0).collect();
-        let claims: Vec<Uuid> = done.iter().map(|d| d.1.0).collect();
+        let tokens: Vec<Uuid> = done.iter().map(|d| d.1.token).collect();
+        let attempts: Vec<i32> = done.iter().map(|d| d.1.attempt).collect();
         let results: Vec<&Value> = done.iter().map(|d| d.2).collect();
         let mut conn = if done.len() <= PLANNED_ONCE_UP_TO {
             self.held.planned_once.acquire().await?
@@ -739,19 +765,22 @@ impl Store {
         };
         let ids = sqlx::query_scalar(
             "WITH u AS (
-                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::jsonb[]) AS u(id, claim, result)
+                SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $4::int4[], $3::jsonb[])
+                           AS u(id, claim, attempt, result)
              ), t AS (
                 UPDATE tasks SET status = 'succeeded', result = u.result, error = NULL, progress = NULL,
                                  finished_at = now(), lease_until = NULL
                   FROM u WHERE tasks.id = ANY($1) AND tasks.id = u.id AND tasks.claim = u.claim
+                   AND tasks.attempts = u.attempt
                    AND (tasks.status = 'running') IS TRUE
              RETURNING tasks.id
              )
              SELECT id FROM t",
         )
         .bind(&ids)
-        .bind(&claims)
+        .bind(&tokens)
         .bind(&results)
+        .bind(&attempts)
         .fetch_all(&mut *conn)
         .await?;
         conn.keep();
