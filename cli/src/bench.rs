@@ -44,10 +44,12 @@ pub struct BenchArgs {
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Do not have PostgreSQL write out its dirty pages (`CHECKPOINT`)
-    /// before each timed phase.
+    /// Have PostgreSQL write out its dirty pages (`CHECKPOINT`) before each
+    /// timed phase, so each starts from the same state, as when run alone.
+    /// Off by default: a phase then pays for what the one before it wrote
+    /// (W5's drain for its million-task enqueue), as a user's would.
     #[arg(long)]
-    no_checkpoint: bool,
+    checkpoint: bool,
 }
 
 /// Workload sizes.
@@ -172,11 +174,10 @@ impl Proc {
 }
 
 impl Rig {
-    /// Before a timed phase: PostgreSQL writes out what earlier phases left
-    /// dirty, so a phase does not pay for the one before it (W5's drain,
-    /// for one, otherwise runs inside the checkpoint that its million-task
-    /// enqueue started, and W2 inside W1's). A server that refuses (no
-    /// superuser or `pg_checkpoint`) is reported and the phase runs anyway.
+    /// With `--checkpoint`, before a timed phase: PostgreSQL writes out what
+    /// earlier phases left dirty, so a phase does not pay for the one
+    /// before it. A server that refuses (no superuser or `pg_checkpoint`)
+    /// is reported and the phase runs anyway.
     async fn checkpoint(&self) {
         if !self.checkpoint {
             return;
@@ -425,7 +426,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             .pool_max_idle_per_host(256)
             .build()?,
         logs: logs.clone(),
-        checkpoint: !args.no_checkpoint,
+        checkpoint: args.checkpoint,
     };
     let wanted =
         |w: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(w));
@@ -436,8 +437,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
 
     let width = rows.iter().map(|r| r.figure.len()).max().unwrap_or(10);
     println!(
-        "\ninferq bench{} ({})\n",
+        "\ninferq bench{}{} ({})\n",
         if args.smoke { " --smoke" } else { "" },
+        if args.checkpoint { " --checkpoint" } else { "" },
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     );
     println!("| workload | {:width$} | value |", "figure");
