@@ -493,6 +493,33 @@ async fn a_lapsed_lease_is_reaped_and_the_lost_attempt_counts(pool: PgPool) {
     svc.queue.purge().await.unwrap();
 }
 
+/// A task just submitted whose id a fetcher popped and is claiming is
+/// queued in PostgreSQL and missing from Redis for a moment: the
+/// reconciler leaves it alone for a grace period (re-added, its id ran
+/// twice through the fetchers, and two claims of one id at once could
+/// deadlock), and restores it once the grace has passed.
+#[sqlx::test(migrator = "queue_core::MIGRATOR")]
+async fn the_reconciler_leaves_a_task_being_claimed_alone(pool: PgPool) {
+    let svc = testkit::service(pool.clone());
+    let id = submit(&svc, json!({"model": "sim", "prompt": "x"})).await;
+    let popped = svc.queue.pop("sim", 10, 0).await.unwrap().popped;
+    assert_eq!(popped.len(), 1);
+    let mut sweeper = Sweeper::new(100);
+    let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+    assert_eq!(r.redispatched, 0, "a task younger than the grace");
+    assert_eq!(svc.queue.depth("sim").await.unwrap(), (0, 0));
+    // Past the grace, still unclaimed: its push counts as lost.
+    sqlx::query("UPDATE tasks SET created_at = created_at - interval '1 minute' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
+    assert_eq!(r.redispatched, 1);
+    assert_eq!(svc.queue.depth("sim").await.unwrap(), (1, 0));
+    svc.queue.purge().await.unwrap();
+}
+
 #[sqlx::test(migrator = "queue_core::MIGRATOR")]
 async fn the_reconciler_restores_what_redis_lost(pool: PgPool) {
     let svc = testkit::service(pool);
@@ -516,7 +543,9 @@ async fn the_reconciler_restores_what_redis_lost(pool: PgPool) {
     assert!(svc.store.finish(waiting, claim, &retry).await.unwrap());
 
     svc.queue.purge().await.unwrap(); // Redis lost everything.
-    let mut sweeper = Sweeper::new(2); // small pages: the walk spans several
+    // Small pages: the walk spans several. No grace: the loss is simulated
+    // at once.
+    let mut sweeper = Sweeper::new(2).with_grace(Duration::ZERO);
     let r = sweeper.sweep(&svc.store, &svc.queue).await.unwrap();
     assert_eq!(r.redispatched, 4);
     assert_eq!(svc.queue.depth("sim").await.unwrap(), (3, 0));

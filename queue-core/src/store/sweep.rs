@@ -98,8 +98,14 @@ impl Store {
     }
 
     /// One page of waiting (queued or scheduled) tasks after `after`, in id
-    /// order: the reconciler walks the whole set a page at a time.
-    pub async fn waiting_page(&self, after: Uuid, limit: i64) -> Result<Vec<Waiting>> {
+    /// order, created at least `grace` ago: the reconciler walks the whole
+    /// set a page at a time.
+    pub async fn waiting_page(
+        &self,
+        after: Uuid,
+        limit: i64,
+        grace: std::time::Duration,
+    ) -> Result<Vec<Waiting>> {
         let mut tx = self.pool.begin().await?;
         // Walk `tasks_waiting` in id order and stop at the page's end. On a
         // table never analyzed (no autovacuum yet, or none at all) the
@@ -112,10 +118,12 @@ impl Store {
         let page = sqlx::query_as::<_, Waiting>(
             "SELECT id, model, priority, status, run_at, created_at FROM tasks
               WHERE status IN ('queued', 'scheduled') AND id > $1
+                AND created_at < now() - make_interval(secs => $3)
               ORDER BY id LIMIT $2",
         )
         .bind(after)
         .bind(limit)
+        .bind(grace.as_secs_f64())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
