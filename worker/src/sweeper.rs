@@ -6,8 +6,9 @@
 //! - reaps running tasks whose lease lapsed (their worker died) and queues
 //!   them again, or fails them if that was their last attempt;
 //! - reconciles one page of waiting tasks: every queued or scheduled task
-//!   gets its id back in Redis if Redis lacks it (the API died between
-//!   commit and push, Redis was flushed or restarted). Pages are bounded, and
+//!   created at least [`GRACE`] ago gets its id back in Redis if Redis
+//!   lacks it (the API died between commit and push, Redis was flushed or
+//!   restarted). Pages are bounded, and
 //!   the walk goes on at once while it keeps finding missing ids, so a
 //!   flushed Redis is rebuilt quickly without one huge command;
 //! - deletes idempotency keys past their retention, and finished tasks
