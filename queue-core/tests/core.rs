@@ -193,6 +193,64 @@ async fn a_stale_attempt_cannot_overwrite(pool: PgPool) {
     svc.queue.purge().await.unwrap();
 }
 
+/// Every write a worker holding `claim` can make on task `id` (lease
+/// renewal, progress, success or retry in a batch, an outcome alone) is
+/// fenced out: none takes effect.
+async fn no_write_takes_effect(svc: &queue_core::Service, id: Uuid, claim: Claim) {
+    let state = || async {
+        let t = svc.store.task(id).await.unwrap().unwrap();
+        let lease: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT lease_until FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_one(svc.store.pool())
+                .await
+                .unwrap();
+        (
+            t.status,
+            t.attempts,
+            t.progress,
+            t.result,
+            t.error,
+            t.finished_at,
+            lease,
+        )
+    };
+    let before = state().await;
+    let lease = Duration::from_secs(30);
+    assert!(
+        svc.store
+            .renew_leases(&[(id, claim)], lease)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the worker is told it lost the task"
+    );
+    svc.store
+        .record_progress(&[(id, claim, json!({"tokens": 9}))])
+        .await
+        .unwrap();
+    let result = json!({"text": "stale"});
+    assert!(
+        svc.store
+            .finish_succeeded_many(&[(id, claim, &result)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        svc.store
+            .finish_retry_many(&[(id, claim, "e", chrono::Utc::now())])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let failed = Finish::Failed {
+        error: "stale".into(),
+    };
+    assert!(!svc.store.finish(id, claim, &failed).await.unwrap());
+    assert_eq!(state().await, before, "a fenced-out write changed the task");
+}
+
 /// Claims commit without waiting for the WAL flush, so a crash of
 /// PostgreSQL can lose one while its worker runs on; the reconciler queues
 /// the task again and the next claim takes the same attempt number. No
@@ -221,41 +279,9 @@ async fn a_claim_lost_in_a_crash_cannot_write_over_the_next(pool: PgPool) {
         "the attempt number comes again"
     );
 
-    let stale = lost.claim();
-    assert!(
-        svc.store
-            .renew_leases(&[(id, stale)], lease)
-            .await
-            .unwrap()
-            .is_empty(),
-        "the lost claim's worker is told it lost the task"
-    );
-    svc.store
-        .record_progress(&[(id, stale, json!({"tokens": 9}))])
-        .await
-        .unwrap();
-    let result = json!({"text": "stale"});
-    assert!(
-        svc.store
-            .finish_succeeded_many(&[(id, stale, &result)])
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        svc.store
-            .finish_retry_many(&[(id, stale, "e", chrono::Utc::now())])
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let failed = Finish::Failed {
-        error: "stale".into(),
-    };
-    assert!(!svc.store.finish(id, stale, &failed).await.unwrap());
+    no_write_takes_effect(&svc, id, lost.claim()).await;
     let (t, _) = svc.task(id).await.unwrap().unwrap();
     assert_eq!(t.status, TaskStatus::Running);
-    assert_eq!(t.progress, None, "no progress from the lost claim");
 
     let result = json!({"text": "mine"});
     assert_eq!(
@@ -299,32 +325,13 @@ async fn a_claim_by_a_worker_from_before_the_token_still_fences_a_stale_one(pool
     .execute(&pool)
     .await
     .unwrap();
-    let lease = Duration::from_secs(30);
-    assert!(
-        svc.store
-            .renew_leases(&[(id, stale)], lease)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let result = json!({"text": "stale"});
-    assert!(
-        svc.store
-            .finish_succeeded_many(&[(id, stale, &result)])
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let failed = Finish::Failed {
-        error: "stale".into(),
-    };
-    assert!(!svc.store.finish(id, stale, &failed).await.unwrap());
+    no_write_takes_effect(&svc, id, stale).await;
     // Nor can any token with the right number write over that claim.
     let guess = Claim {
         token: Uuid::new_v4(),
         attempt: stale.attempt + 1,
     };
-    assert!(!svc.store.finish(id, guess, &failed).await.unwrap());
+    no_write_takes_effect(&svc, id, guess).await;
     let (t, _) = svc.task(id).await.unwrap().unwrap();
     assert_eq!((t.status, t.attempts), (TaskStatus::Running, 2));
     svc.queue.purge().await.unwrap();

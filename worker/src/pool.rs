@@ -806,13 +806,15 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
         if held.is_empty() {
             continue;
         }
-        let lost: Vec<Uuid> = if renewed.elapsed() >= renew_every {
+        // Each with the claim asked about: an attempt that ended meanwhile
+        // may have been replaced here by a new claim of the same task.
+        let lost: Vec<(Uuid, Claim)> = if renewed.elapsed() >= renew_every {
             match inner.store.renew_leases(&held, lease).await {
                 Ok(kept) => {
                     renewed = Instant::now();
                     held.iter()
-                        .map(|(id, _)| *id)
-                        .filter(|id| !kept.contains(id))
+                        .filter(|(id, _)| !kept.contains(id))
+                        .copied()
                         .collect()
                 }
                 Err(e) => {
@@ -824,7 +826,11 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
             write_progress(&inner).await;
             let ids: Vec<Uuid> = held.iter().map(|(id, _)| *id).collect();
             match inner.store.cancelled_among(&ids).await {
-                Ok(cancelled) => cancelled,
+                Ok(cancelled) => held
+                    .iter()
+                    .filter(|(id, _)| cancelled.contains(id))
+                    .copied()
+                    .collect(),
                 Err(e) => {
                     tracing::debug!(error = %e, "cancel check failed");
                     continue;
@@ -832,11 +838,8 @@ async fn heartbeat(inner: Arc<Inner>, stop: CancellationToken) {
             }
         };
         let map = inner.in_flight.lock().expect("lock");
-        for id in lost {
-            // Only the attempt asked about: one that ended meanwhile may
-            // have been replaced here by a new claim of the same task.
-            let asked = held.iter().find(|(h, _)| *h == id).map(|(_, c)| *c);
-            if let Some(f) = map.get(&id).filter(|f| Some(f.claim) == asked) {
+        for (id, claim) in lost {
+            if let Some(f) = map.get(&id).filter(|f| f.claim == claim) {
                 tracing::info!(task_id = %id, "task cancelled or taken over; stopping its attempt");
                 f.stop.cancel();
             }

@@ -51,7 +51,7 @@ const RETENTION_CHUNK: i64 = 5_000;
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// The reconciler's place in its walk over waiting tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sweeper {
     cursor: Uuid,
     page: i64,
